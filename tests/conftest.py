@@ -1,0 +1,60 @@
+"""Shared fixtures: real Fashion-MNIST shards in a temp dir, a tiny DINO config, a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vitrail.launch.config import from_dict
+from vitrail.pipelines.shards import shard_fashion_mnist
+
+# Ray's loopback-only mode is read when `ray` is first imported, so it is set before any test imports it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def fashion_shards(tmp_path_factory):
+    """The first 640 train and 640 test images of the real Fashion-MNIST, as shards of 128."""
+    out = tmp_path_factory.mktemp("fashion")
+    shard_fashion_mnist(out, shard_size=128, limit=640, log=lambda message: None)
+    return out
+
+
+def tiny_config_tree(shards, run_dir, **sections) -> dict:
+    """A DINO recipe small enough for seconds on a CPU; keyword sections update it."""
+    tree = {
+        "run": {"dir": str(run_dir), "checkpoint_every": 4, "log_every": 2, "tracking": "none"},
+        "data": {"shards": str(shards / "train"), "eval_train_shards": str(shards / "train"),
+                 "eval_test_shards": str(shards / "test"), "channels": 1, "mean": [0.286], "std": [0.353]},
+        "model": {"backbone": "vit_tiny", "drop_path_rate": 0.1,
+                  "kwargs": {"patch_size": 7, "img_size": 28, "depth": 2, "embed_dim": 48, "num_heads": 3}},
+        "method": {"name": "dino", "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crops_number": 2,
+                   "global_crop_size": 28, "local_crop_size": 14, "warmup_teacher_temp_epochs": 1},
+        "optim": {"epochs": 2, "batch_size": 32, "warmup_epochs": 1},
+        "ray": {"cpus_per_worker": 1},
+    }
+    for section, values in sections.items():
+        tree[section].update(values)
+    return tree
+
+
+@pytest.fixture
+def tiny_config(fashion_shards, tmp_path):
+    return from_dict(tiny_config_tree(fashion_shards, tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real one-node Ray cluster on 127.0.0.1 (dashboard on 127.0.0.1), shut down afterwards."""
+    import ray
+
+    from vitrail.launch.config import RaySection
+    from vitrail.launch.train import init_ray
+
+    init_ray(RaySection(object_store_mb=512), dashboard=True)
+    assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,103 @@
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitrail.errors import VitrailError
+from vitrail.pipelines import shards
+from vitrail.pipelines.datasets import load_fashion_mnist
+
+
+def _read_back(folder):
+    samples = {}
+    for path in shards.read_index(folder).paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def test_fashion_mnist_round_trip(fashion_shards):
+    images, labels = load_fashion_mnist("train")
+    index = shards.verify(fashion_shards / "train")
+    assert index.num_samples == 640 and len(index.shards) == 5
+    assert index.classes[0] == "t-shirt" and len(index.classes) == 10
+    samples = _read_back(fashion_shards / "train")
+    assert len(samples) == 640
+    for number in range(640):
+        sample = samples[f"train{number:07d}"]
+        assert "." not in f"train{number:07d}"
+        assert int(sample["cls"]) == labels[number]
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(sample["png"]))), images[number])
+
+
+def test_rerun_is_noop_and_shards_are_byte_identical(tmp_path):
+    images, labels = load_fashion_mnist("test")
+    samples = shards.array_samples(images[:300], labels[:300], "test")
+    first = shards.write_shards(samples, ["a"] * 10, tmp_path / "a", shard_size=100)
+    again = shards.write_shards(samples, ["a"] * 10, tmp_path / "a", shard_size=100)
+    other = shards.write_shards(samples, ["a"] * 10, tmp_path / "b", shard_size=100)
+    assert first.shards == again.shards == other.shards
+    with pytest.raises(VitrailError, match="different shard set"):
+        shards.write_shards(samples[:200], ["a"] * 10, tmp_path / "a", shard_size=100)
+
+
+def test_partial_folder_is_detected_and_finished(tmp_path):
+    images, labels = load_fashion_mnist("test")
+    samples = shards.array_samples(images[:300], labels[:300], "test")
+    reference = shards.write_shards(samples, ["x"], tmp_path / "ref", shard_size=100)
+    out = tmp_path / "partial"
+    shards.write_shards(samples, ["x"], out, shard_size=100)
+    # Simulate a run killed after its second shard: no index, a half-written third shard.
+    (out / "index.json").unlink()
+    progress = [json.dumps(shard) for shard in reference.shards[:2]]
+    (out / "progress.jsonl").write_text("\n".join(progress) + "\n")
+    (out / "shard-000002.tar").write_bytes(b"half a tar")
+    (out / "shard-000001.tar.tmp").write_bytes(b"stale")
+    with pytest.raises(VitrailError, match="partial shard set"):
+        shards.read_index(out)
+    log = []
+    finished = shards.write_shards(samples, ["x"], out, shard_size=100, log=log.append)
+    assert "keeping 2 finished shards of 3" in log[0]
+    assert finished.shards == reference.shards
+    assert not list(out.glob("*.tmp")) and not (out / "progress.jsonl").exists()
+
+
+def test_verify_names_the_corrupt_shard(tmp_path):
+    images, labels = load_fashion_mnist("test")
+    shards.write_shards(shards.array_samples(images[:20], labels[:20], "t"), ["x"], tmp_path, shard_size=10)
+    with open(tmp_path / "shard-000001.tar", "r+b") as handle:
+        handle.seek(600)
+        handle.write(b"\xff")
+    with pytest.raises(VitrailError, match="shard-000001.tar has sha256"):
+        shards.verify(tmp_path)
+    (tmp_path / "shard-000000.tar").unlink()
+    with pytest.raises(VitrailError, match="shard-000000.tar is missing"):
+        shards.verify(tmp_path)
+
+
+def test_folder_of_class_subfolders(tmp_path):
+    source = tmp_path / "images"
+    for label, name in enumerate(["cat", "dog"]):
+        (source / name).mkdir(parents=True)
+        for number in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * number + label, np.uint8)).save(source / name / f"im.{number}.jpg")
+    samples, classes = shards.folder_samples(source)
+    assert classes == ["cat", "dog"] and len(samples) == 6
+    index = shards.write_shards(samples, classes, tmp_path / "out", shard_size=4)
+    back = _read_back(tmp_path / "out")
+    assert sorted(int(s["cls"]) for s in back.values()) == [0, 0, 0, 1, 1, 1]
+    # JPEG stays JPEG, byte for byte.
+    assert back[samples[0].key]["jpg"] == (source / "cat" / "im.0.jpg").read_bytes()
+    assert index.num_samples == 6
+
+
+def test_missing_folder_errors(tmp_path):
+    with pytest.raises(VitrailError, match=str(tmp_path / "nope")):
+        shards.read_index(tmp_path / "nope")
+    with pytest.raises(VitrailError, match="no class sub-folders"):
+        shards.folder_samples(tmp_path)

@@ -1,0 +1,80 @@
+import numpy as np
+import torch
+
+from vitrail.pipelines.datasets import load_fashion_mnist
+from vitrail.pipelines.views import Augment, EvalTransform, MultiCrop, gaussian_blur, normalize, sample_generator
+
+
+def _images(count, channels=1):
+    images, _ = load_fashion_mnist("test")
+    batch = torch.from_numpy(images[:count].copy())[:, None]
+    return list(batch.expand(-1, channels, -1, -1).contiguous())
+
+
+def test_multicrop_shapes_and_dtypes():
+    recipe = MultiCrop(global_size=32, local_size=16, num_local=3)
+    columns = recipe(_images(5, channels=3), [f"k{i}" for i in range(5)], seed=0, epoch=0)
+    assert columns["global"].shape == (5, 2, 3, 32, 32) and columns["global"].dtype == np.uint8
+    assert columns["local"].shape == (5, 3, 3, 16, 16) and columns["local"].dtype == np.uint8
+    views = recipe.to_device(columns, "cpu", [0.5] * 3, [0.25] * 3)
+    assert [tuple(v.shape) for v in views] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 3
+    assert all(v.dtype == torch.float32 for v in views)
+
+
+def test_no_local_crops_gives_no_local_column():
+    columns = MultiCrop(28, 12, num_local=0)(_images(2), ["a", "b"], seed=0, epoch=0)
+    assert set(columns) == {"global"}
+
+
+def test_views_depend_only_on_seed_epoch_and_key():
+    recipe = MultiCrop(global_size=28, local_size=12, num_local=2)
+    images = _images(4)
+    keys = ["a", "b", "c", "d"]
+    first = recipe(images, keys, seed=3, epoch=1)
+    # Same samples in another order and batch: identical views per key.
+    reordered = recipe(images[::-1][:2], keys[::-1][:2], seed=3, epoch=1)
+    np.testing.assert_array_equal(reordered["global"][0], first["global"][3])
+    np.testing.assert_array_equal(reordered["local"][1], first["local"][2])
+    assert not np.array_equal(recipe(images, keys, seed=3, epoch=2)["global"], first["global"])
+    assert not np.array_equal(recipe(images, keys, seed=4, epoch=1)["global"], first["global"])
+
+
+def test_solarize_and_flip_probabilities_follow_the_recipe():
+    # Full-scale crops of a left/right asymmetric image: flip shows as mirrored output.
+    image = torch.zeros(1, 16, 16, dtype=torch.uint8)
+    image[:, :, :8] = 200
+    augment = Augment(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), blur_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0)
+    generators = [sample_generator(0, 0, str(i)) for i in range(400)]
+    out = augment([image] * 400, generators)
+    flipped = (out[:, 0, 8, 12] > 100).float().mean().item()
+    assert 0.4 < flipped < 0.6
+    solarizing = Augment(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), blur_prob=0.0, jitter_prob=0.0,
+                         grayscale_prob=0.0, flip_prob=0.0, solarize_prob=0.2)
+    out = solarizing([image] * 400, generators)
+    solarized = (out[:, 0, 8, 2] < 100).float().mean().item()  # 200 -> 55 when solarized
+    assert 0.13 < solarized < 0.27
+
+
+def test_gaussian_blur_keeps_mass_and_matches_sigma():
+    impulse = torch.zeros(2, 1, 21, 21)
+    impulse[:, :, 10, 10] = 1.0
+    blurred = gaussian_blur(impulse, torch.tensor([0.5, 2.0]), max_sigma=2.0)
+    assert torch.allclose(blurred.sum(dim=(1, 2, 3)), torch.ones(2), atol=1e-5)
+    for row, sigma in enumerate([0.5, 2.0]):
+        profile = blurred[row, 0, 10]
+        variance = (profile / profile.sum() * (torch.arange(21) - 10.0) ** 2).sum()
+        assert abs(variance.sqrt().item() - sigma) < 0.05 * sigma + 0.02
+
+
+def test_eval_transform_resizes_short_side_and_centre_crops():
+    image = torch.arange(40 * 60, dtype=torch.float32).view(1, 40, 60).div(40 * 60 / 255).to(torch.uint8)
+    out = EvalTransform(resize_size=20, crop_size=16)([image])["image"]
+    assert out.shape == (1, 1, 16, 16) and out.dtype == np.uint8
+    identity = EvalTransform(28, 28)(_images(1))["image"]
+    np.testing.assert_array_equal(identity[0], _images(1)[0].numpy())
+
+
+def test_normalize():
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = normalize(x, [0.5, 0.5, 0.5], [0.5, 0.25, 0.5])
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([1.0, 2.0, 1.0]))

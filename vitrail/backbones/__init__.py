@@ -1,0 +1,40 @@
+"""Backbone registry: `create(name, **overrides)` builds any registered variant.
+
+Each architecture lives in one file that exposes its model class and a `VARIANTS` table
+(variant name -> constructor kwargs); the registry is the union of those tables.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vitrail.backbones import conformer, levit, mobileformer, resnet, swin, vit
+from vitrail.errors import VitrailError
+
+_ARCHITECTURES = [
+    (vit.VisionTransformer, vit.VARIANTS),
+    (swin.SwinTransformer, swin.VARIANTS),
+    (levit.LeViT, levit.VARIANTS),
+    (conformer.Conformer, conformer.VARIANTS),
+    (mobileformer.MobileFormer, mobileformer.VARIANTS),
+    (resnet.build_resnet, resnet.VARIANTS),
+]
+
+_REGISTRY = {name: (cls, cfg) for cls, variants in _ARCHITECTURES for name, cfg in variants.items()}
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **overrides) -> nn.Module:
+    """Build backbone `name` with its variant table's kwargs, updated by `overrides`."""
+    if name not in _REGISTRY:
+        raise VitrailError(f"unknown backbone {name!r}; known backbones: {', '.join(names())}")
+    cls, cfg = _REGISTRY[name]
+    return cls(**{**cfg, **overrides})
+
+
+def is_token_model(model: nn.Module) -> bool:
+    """True for backbones that give patch tokens and accept iBOT masks."""
+    return hasattr(model, "forward_features")

@@ -1,0 +1,153 @@
+"""Weighted k-NN classification of frozen features with FAISS.
+
+The protocol is DINO's (Caron et al. 2021, Sec. 4.1, after Wu et al. 2018): features are
+l2-normalised, each test feature retrieves its k most cosine-similar training features, and
+each neighbour votes for its label with weight exp(similarity / temperature); the class with
+the largest summed weight is the prediction. DINO reports k = 20, temperature = 0.07.
+
+Order is fully determined, so results equal a brute-force computation of the same protocol:
+neighbours are ranked by similarity, then by training index (lower first); classes are ranked
+by summed weight, then by class index (lower first).
+"""
+
+from __future__ import annotations
+
+import os
+
+import faiss
+import torch
+import torch.nn.functional as F
+
+from vitrail.errors import VitrailError
+
+
+def knn_classify(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07,
+                 max_memory_mb=512, num_threads=None):
+    """Top-1 / top-5 accuracy (percent) of the weighted k-NN classifier; see knn_predict."""
+    return knn_classify_multi_k(train_features, train_labels, test_features, test_labels, ks=(k,),
+                                temperature=temperature, max_memory_mb=max_memory_mb,
+                                num_threads=num_threads)[k]
+
+
+def knn_classify_multi_k(train_features, train_labels, test_features, test_labels, ks=(10, 20, 100, 200),
+                         temperature=0.07, max_memory_mb=512, num_threads=None):
+    """{k: {"top1": %, "top5": %}} for every k in `ks` (DINO sweeps these four), from one search.
+
+    The number of classes is max label + 1 over train and test.
+    """
+    train_labels = _checked_labels(train_labels, len(train_features), "train")
+    test_labels = _checked_labels(test_labels, len(test_features), "test")
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    predictions = knn_predict(train_features, train_labels, test_features, ks, temperature, num_classes,
+                              max_memory_mb, num_threads)
+    accuracies = {}
+    for k, ranked_classes in predictions.items():
+        hits = ranked_classes == test_labels[:, None]
+        accuracies[k] = {"top1": 100.0 * hits[:, 0].sum().item() / len(hits),
+                         "top5": 100.0 * hits.sum().item() / len(hits)}
+    return accuracies
+
+
+def knn_predict(train_features, train_labels, test_features, ks=(20,), temperature=0.07, num_classes=None,
+                max_memory_mb=512, num_threads=None):
+    """{k: (N_test, min(5, k)) int64 classes, best first} for every k in `ks`.
+
+    Features are (N, D) and labels (N,) integer, as torch tensors or numpy arrays; `num_classes`
+    defaults to max train label + 1. One exact FAISS search (IndexFlatIP) with max(ks) neighbours
+    serves every k; it runs on the GPU when FAISS sees one. Test queries are searched in chunks
+    whose working memory (neighbour ids and similarities, votes) stays under `max_memory_mb`; the
+    train index itself (N_train x D float32) is not counted. Chunks below a few thousand queries
+    slow FAISS's CPU search down a lot (per-call overhead, and its non-BLAS path for small
+    batches), so keep the budget generous. FAISS uses `num_threads` OpenMP threads; default: the
+    cores this process may run on.
+    """
+    train_features = _checked_features(train_features, "train")
+    train_labels = _checked_labels(train_labels, len(train_features), "train")
+    test_features = _checked_features(test_features, "test")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise VitrailError(f"train features have dimension {train_features.shape[1]} but test features "
+                           f"{test_features.shape[1]}; both must come from the same backbone")
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 1 or ks[-1] > len(train_features):
+        raise VitrailError(f"k-NN needs 1 <= k <= {len(train_features)} (the train set size), got ks={ks}")
+    if temperature <= 0:
+        raise VitrailError(f"k-NN temperature must be > 0, got {temperature}")
+    num_classes = num_classes or int(train_labels.max()) + 1
+
+    train_features = F.normalize(train_features, dim=1)
+    test_features = F.normalize(test_features, dim=1)
+    max_k = ks[-1]
+    # One neighbour beyond max_k reveals ties that straddle the last kept rank.
+    search_k = min(max_k + 1, len(train_features))
+    bytes_per_query = search_k * (4 + 8 + 8) + num_classes * (4 + 4 + 8)  # sims, ids, labels; votes, sort
+    chunk = max(1, max_memory_mb * 2**20 // bytes_per_query)
+
+    faiss.omp_set_num_threads(num_threads or len(os.sched_getaffinity(0)))
+    index = faiss.IndexFlatIP(train_features.shape[1])
+    if faiss.get_num_gpus() > 0:
+        gpu_resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(gpu_resources, 0, index)
+    index.add(train_features.numpy())
+
+    predictions = {k: [] for k in ks}
+    for start in range(0, len(test_features), chunk):
+        queries = test_features[start:start + chunk]
+        similarities, neighbours = index.search(queries.numpy(), search_k)
+        similarities, neighbours = _ranked_neighbours(
+            torch.from_numpy(similarities), torch.from_numpy(neighbours), queries, train_features, max_k)
+        neighbour_labels = train_labels[neighbours]  # (B, max_k)
+        for k in ks:
+            votes = torch.zeros(len(queries), num_classes).scatter_add_(
+                1, neighbour_labels[:, :k], (similarities[:, :k] / temperature).exp())
+            ranked_classes = votes.sort(dim=1, descending=True, stable=True).indices
+            # As DINO: with fewer than 5 neighbours only the classes that got votes can count.
+            predictions[k].append(ranked_classes[:, :min(5, k)])
+    return {k: torch.cat(ranked) for k, ranked in predictions.items()}
+
+
+def _ranked_neighbours(similarities, neighbours, queries, train_features, max_k):
+    """The first max_k neighbours ordered by similarity, then lower training index.
+
+    FAISS returns equal similarities in descending index order, and when equal similarities
+    straddle rank max_k it keeps an arbitrary subset of them; those few queries are re-ranked
+    exhaustively so the kept set is the canonical one.
+    """
+    straddles = torch.zeros(len(queries), dtype=torch.bool)
+    if similarities.shape[1] > max_k:
+        straddles = similarities[:, max_k - 1] == similarities[:, max_k]
+    similarities, neighbours = similarities[:, :max_k], neighbours[:, :max_k]
+    # Sort by index, then stably by similarity: ties end up in ascending index order.
+    by_index = neighbours.sort(dim=1, stable=True).indices
+    similarities, neighbours = similarities.gather(1, by_index), neighbours.gather(1, by_index)
+    by_similarity = similarities.sort(dim=1, descending=True, stable=True).indices
+    similarities, neighbours = similarities.gather(1, by_similarity), neighbours.gather(1, by_similarity)
+    if straddles.any():
+        exhaustive = (queries[straddles] @ train_features.T).sort(dim=1, descending=True, stable=True)
+        similarities[straddles] = exhaustive.values[:, :max_k]
+        neighbours[straddles] = exhaustive.indices[:, :max_k]
+    return similarities, neighbours
+
+
+def _checked_features(features, split):
+    """(N, D) float32 CPU features, or a VitrailError naming the problem."""
+    features = torch.as_tensor(features).detach().cpu()
+    if features.ndim != 2 or len(features) == 0:
+        raise VitrailError(f"{split} features must be a non-empty (N, D) array, got shape {tuple(features.shape)}")
+    features = features.float().contiguous()
+    if not torch.isfinite(features).all():
+        bad_rows = (~torch.isfinite(features)).any(dim=1).nonzero().flatten()
+        raise VitrailError(f"{split} features contain NaN or inf in {len(bad_rows)} rows "
+                           f"(first: row {bad_rows[0].item()}); check the backbone's forward pass")
+    return features
+
+
+def _checked_labels(labels, num_features, split):
+    """(N,) int64 CPU labels, one per feature, or a VitrailError naming the problem."""
+    labels = torch.as_tensor(labels).detach().cpu()
+    if labels.ndim != 1 or len(labels) != num_features or num_features == 0:
+        raise VitrailError(f"{split} labels must have shape ({num_features},), one per {split} feature, "
+                           f"got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.min() < 0:
+        raise VitrailError(f"{split} labels must be non-negative integers, got dtype {labels.dtype} "
+                           f"with minimum {labels.min().item()}")
+    return labels.long()

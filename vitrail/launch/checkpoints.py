@@ -1,0 +1,62 @@
+"""Checkpoints in `RUN_DIR/checkpoints/step-XXXXXXXX.pt`, written atomically.
+
+A checkpoint is written to a temporary file in the same folder and renamed into place, so a
+process killed mid-write leaves the previous checkpoint intact; loading uses
+`weights_only=True`, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from vitrail.errors import VitrailError
+
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if _NAME.match(path.name))
+
+
+def latest_step(run_dir: str | Path) -> int:
+    """Step recorded by the newest checkpoint, 0 when there is none."""
+    found = list_checkpoints(run_dir)
+    return int(_NAME.match(found[-1].name).group(1)) if found else 0
+
+
+def save(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:08d}.pt"
+    temporary = folder / f".{path.name}.tmp"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise VitrailError(f"no checkpoint in {checkpoint_dir(path)}")
+        path = found[-1]
+    if not path.exists():
+        raise VitrailError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable or unsafe files
+        raise VitrailError(f"cannot load checkpoint {path}: {error}") from None

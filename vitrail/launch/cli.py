@@ -1,0 +1,138 @@
+"""The `vitrail` command: shard data, pretrain, evaluate, list backbones."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vitrail.errors import VitrailError
+
+
+def _shard(args) -> None:
+    from vitrail.pipelines import shards
+
+    if args.source == "fashion-mnist":
+        shards.shard_fashion_mnist(args.out, root=args.root, shard_size=args.shard_size, limit=args.limit, workers=args.workers)
+    elif args.source == "folder":
+        samples, classes = shards.folder_samples(args.src)
+        shards.write_shards(samples[: args.limit], classes, args.out, args.shard_size, args.workers)
+    elif args.source == "verify":
+        index = shards.verify(args.out)
+        print(f"{index.folder}: {len(index.shards)} shards, {index.num_samples} samples, every sha256 matches")
+
+
+def _pretrain(args) -> None:
+    from vitrail.launch import config as config_module
+
+    overrides = list(args.overrides)
+    for flag, key in (("workers", "ray.workers"), ("gpus_per_worker", "ray.gpus_per_worker"),
+                      ("address", "ray.address"), ("run_dir", "run.dir")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    config = config_module.load(args.config, overrides)
+    if args.local:
+        from vitrail.launch.local import pretrain
+        pretrain(config)
+    else:
+        from vitrail.launch.train import pretrain
+        pretrain(config, dashboard=not args.no_dashboard)
+    print(f"run dir: {Path(config.run.dir)}")
+
+
+def _eval_knn(args) -> None:
+    from vitrail.eval.report import knn_rows, table, write_results
+
+    rows = knn_rows(args.checkpoint, args.train_shards, args.test_shards, k=args.k, temperature=args.temperature,
+                    resize_size=args.resize_size, crop_size=args.crop_size, baselines=args.baselines,
+                    limit=args.limit, device=args.device)
+    path = write_results(args.checkpoint, "knn", rows)
+    print(f"\nweighted k-NN (k={args.k}, T={args.temperature}), top-1 / top-5 in %:\n")
+    print(table(rows))
+    print(f"\nwritten to {path}")
+
+
+def _backbones(args) -> None:
+    from vitrail import backbones
+
+    print("| backbone | embed_dim | parameters (features only) |\n|---|---|---|")
+    for name in backbones.names():
+        model = backbones.create(name)
+        print(f"| {name} | {model.embed_dim} | {sum(p.numel() for p in model.parameters()):,} |")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="vitrail", description="Self-supervised pretraining of vision backbones: "
+                                   "shard images, pretrain with DINO on Ray, evaluate frozen features with FAISS k-NN.")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    shard = commands.add_parser("shard", help="write or verify webdataset shards", description="Write images as webdataset "
+                                "tar shards plus index.json (counts, classes, sha256), or verify a shard folder. "
+                                "Re-running on a complete folder does nothing; a partial one is finished.")
+    sources = shard.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    for name, text in (("fashion-mnist", "Fashion-MNIST's idx files to OUT/train and OUT/test"),
+                       ("folder", "an image folder with one sub-folder per class to OUT")):
+        sub = sources.add_parser(name, help=text, description=text)
+        if name == "folder":
+            sub.add_argument("src", help="folder of class sub-folders holding images (jpg, png, webp, bmp, ppm)")
+        else:
+            sub.add_argument("--root", default=None, help="folder holding the idx files (default: $VITRAIL_DATA, "
+                             "then /usr/share/datasets/fashion-mnist)")
+        sub.add_argument("out", help="output shard folder")
+        sub.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+        sub.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
+        sub.add_argument("--limit", type=int, default=None, help="keep only the first N samples (per split)")
+        sub.set_defaults(run=_shard)
+    verify = sources.add_parser("verify", help="re-check every shard's sha256 against index.json",
+                                description="Re-check every shard's presence and sha256 against index.json.")
+    verify.add_argument("out", help="shard folder holding index.json")
+    verify.set_defaults(run=_shard)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain a backbone", description="Pretrain the backbone and method "
+                                   "of CONFIG. Runs on Ray (a one-node cluster on 127.0.0.1 unless --address is given); "
+                                   "re-running with the same run dir resumes from its last checkpoint.")
+    pretrain.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
+    pretrain.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.epochs=10 model.backbone=vit_tiny")
+    pretrain.add_argument("--local", action="store_true", help="train in this process without Ray (debugging, tests)")
+    pretrain.add_argument("--workers", type=int, default=None, help="Ray Train workers (overrides ray.workers)")
+    pretrain.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (overrides ray.gpus_per_worker)")
+    pretrain.add_argument("--address", default=None, help="existing Ray cluster, e.g. auto or ray://host:10001 (overrides ray.address)")
+    pretrain.add_argument("--run-dir", default=None, help="run directory (overrides run.dir)")
+    pretrain.add_argument("--no-dashboard", action="store_true", help="start the local Ray cluster without its dashboard")
+    pretrain.set_defaults(run=_pretrain)
+
+    evaluate = commands.add_parser("eval", help="evaluate frozen features", description="Evaluate the frozen features of a run.")
+    protocols = evaluate.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    knn = protocols.add_parser("knn", help="DINO's weighted k-NN with FAISS", description="Weighted k-NN (DINO): "
+                               "l2-normalised features, inner-product search, neighbours vote with weight exp(sim/T). "
+                               "Prints top-1/top-5 and writes results.json in the run dir.")
+    knn.add_argument("checkpoint", help="run dir (its last checkpoint) or a checkpoint file")
+    knn.add_argument("--train-shards", default=None, help="shards of the k-NN bank (default: data.eval_train_shards)")
+    knn.add_argument("--test-shards", default=None, help="shards to classify (default: data.eval_test_shards)")
+    knn.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
+    knn.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
+    knn.add_argument("--resize-size", type=int, default=None, help="short side before the centre crop (default crop*256/224)")
+    knn.add_argument("--crop-size", type=int, default=None, help="centre crop (default: the global crop size)")
+    knn.add_argument("--baselines", action="store_true", help="also evaluate raw pixels and the randomly initialised backbone")
+    knn.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split")
+    knn.add_argument("--device", default="cpu", help="device for feature extraction (default cpu)")
+    knn.set_defaults(run=_eval_knn)
+
+    listing = commands.add_parser("backbones", help="list the registered backbones with parameter counts",
+                                  description="List the registered backbones with their feature width and parameter count.")
+    listing.set_defaults(run=_backbones)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except VitrailError as error:
+        print(f"vitrail: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

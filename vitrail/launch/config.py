@@ -1,0 +1,158 @@
+"""Typed run configuration: a YAML recipe plus `section.key=value` overrides.
+
+Every section forbids unknown keys, so a typo fails at once, before Ray starts, naming the
+dotted key. Method sections are defined beside their method in `vitrail/ssl/<method>.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vitrail import backbones
+from vitrail.errors import VitrailError
+from vitrail.ssl import MethodConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    dir: str = "runs/default"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: bf16 autocast on CUDA, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
+    log_every: int = Field(10, ge=1)
+    tracking: Literal["wandb", "tensorboard", "none"] = "wandb"
+
+
+class DataSection(Section):
+    shards: str = Field("data/train", description="shard folder holding index.json")
+    eval_train_shards: Optional[str] = Field(None, description="shards whose features fill the k-NN bank")
+    eval_test_shards: Optional[str] = Field(None, description="shards whose features are classified")
+    channels: Literal[1, 3] = 3
+    # ImageNet statistics (DINO's Normalize); a grayscale set overrides them.
+    mean: list[float] = [0.485, 0.456, 0.406]
+    std: list[float] = [0.229, 0.224, 0.225]
+    shuffle_buffer: int = Field(2048, ge=0, description="samples in the local shuffle buffer")
+
+    @model_validator(mode="after")
+    def _stats_match_channels(self):
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"data.mean and data.std need {self.channels} values (data.channels)")
+        return self
+
+
+class ModelSection(Section):
+    backbone: str = "vit_small"
+    # DINO Sec. 3 / official main_dino.py: stochastic depth 0.1 in the student.
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    kwargs: dict = Field(default_factory=dict, description="extra keyword arguments of the backbone")
+
+    @model_validator(mode="after")
+    def _known_backbone_and_kwargs(self):
+        if self.backbone not in backbones.names():
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(backbones.names())}")
+        accepted = inspect.signature(backbones._REGISTRY[self.backbone][0]).parameters
+        for key in self.kwargs:
+            if key not in accepted:
+                raise ValueError(f"model.kwargs.{key} is not an argument of {self.backbone}; accepted: {', '.join(accepted)}")
+        return self
+
+
+class OptimSection(Section):
+    # DINO Sec. 4 / App. (ViT-S/16 recipe): AdamW, lr 5e-4 x batch/256, 10 warm-up epochs,
+    # cosine to 1e-6; weight decay cosine 0.04 -> 0.4; gradient clipping 3.0; 100 epochs.
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per worker per step")
+    lr: float = Field(5e-4, gt=0, description="learning rate for a global batch of 256")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(10, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    clip_grad: float = Field(3.0, ge=0, description="max gradient norm per parameter tensor; 0 disables")
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps (schedules still span all epochs)")
+
+
+class RaySection(Section):
+    workers: int = Field(1, ge=0, description="training workers; 0 runs the loop in the driver process")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    address: Optional[str] = Field(None, description="existing cluster (ray://host:10001 or auto); default starts one on 127.0.0.1")
+    object_store_mb: Optional[int] = Field(None, ge=64)
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
+
+
+class Config(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    method: MethodConfig
+    optim: OptimSection = Field(default_factory=OptimSection)
+    ray: RaySection = Field(default_factory=RaySection)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise VitrailError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise VitrailError(f"override {item!r} is not of the form section.key=value")
+        parsed.append((key.strip(), yaml.safe_load(raw)))
+    return parsed
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"] if not str(part).startswith("function-after"))
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r}")
+        else:
+            lines.append(f"{key or 'config'}: {problem['msg']} (got {problem.get('input')!r})")
+    return "; ".join(lines)
+
+
+def from_dict(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise VitrailError(f"{source}: {_describe(error)}") from None
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe, apply `section.key=value` overrides, validate everything."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise VitrailError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise VitrailError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise VitrailError(f"config file {path} must hold a mapping of sections")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    return from_dict(tree, str(path))

@@ -1,0 +1,201 @@
+"""The training loop every launcher runs: local (one process) and Ray Train (one per worker).
+
+It knows nothing of any method's internals: it builds the method named in the config, feeds
+it view batches, steps AdamW on the paper's schedules, and checkpoints and logs on rank 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vitrail import ssl
+from vitrail.errors import VitrailError
+from vitrail.launch import checkpoints
+from vitrail.launch.config import Config
+from vitrail.pipelines.shards import ShardIndex, read_index
+from vitrail.ssl.schedules import cosine
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int  # the length every schedule spans
+    stop_step: int    # where this run stops (max_steps may cut it short)
+
+    @classmethod
+    def of(cls, config: Config, num_samples: int, world_size: int) -> "Schedule":
+        global_batch = config.optim.batch_size * max(1, world_size)
+        steps_per_epoch = num_samples // global_batch
+        if steps_per_epoch < 1:
+            raise VitrailError(
+                f"the shard set holds {num_samples} samples, fewer than one global batch "
+                f"({config.optim.batch_size} per worker x {max(1, world_size)} workers); lower optim.batch_size"
+            )
+        total = steps_per_epoch * config.optim.epochs
+        return cls(steps_per_epoch, total, min(total, config.optim.max_steps or total))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise VitrailError("run.device is 'cuda' but no CUDA device is visible")
+    return torch.device(name)
+
+
+def parameter_groups(module: nn.Module) -> list[dict]:
+    """Weight decay on weight matrices only; none on biases and norm parameters (DINO's utils)."""
+    decayed, plain = [], []
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            (plain if parameter.ndim <= 1 or name.endswith(".bias") else decayed).append(parameter)
+    return [{"params": decayed, "decay": True}, {"params": plain, "decay": False, "weight_decay": 0.0}]
+
+
+def clip_gradients(module: nn.Module, max_norm: float) -> None:
+    """Clip each parameter's gradient to `max_norm` separately, as DINO's clip_gradients does."""
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            norm = parameter.grad.norm()
+            parameter.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+class Trainer:
+    """Owns the method, optimizer and step counter of one worker."""
+
+    def __init__(self, config: Config, num_samples: int, rank: int = 0, world_size: int = 1, device=None):
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.device = device or resolve_device(config.run.device)
+        self.schedule = Schedule.of(config, num_samples, world_size)
+        torch.manual_seed(config.run.seed)  # identical initial weights on every rank
+        self.method = ssl.build(config, self.schedule.steps_per_epoch, self.schedule.total_steps).to(self.device)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.method))
+        self.step = 0
+        self.views = config.method.views()
+        self.autocast = self.device.type == "cuda" and config.run.precision in ("auto", "bf16")
+
+    # -- state ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "config": self.config.model_dump(mode="json")}
+
+    def restore(self, state: dict) -> None:
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    def resume_if_possible(self) -> None:
+        if checkpoints.list_checkpoints(self.config.run.dir):
+            self.restore(checkpoints.load(self.config.run.dir, map_location=self.device))
+
+    def save_checkpoint(self) -> None:
+        if self.rank == 0:
+            checkpoints.save(self.config.run.dir, self.step, self.state(), self.config.run.keep_last)
+
+    def sum_over_ranks(self, value: int) -> int:
+        if dist.is_available() and dist.is_initialized():
+            tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+            dist.all_reduce(tensor)
+            return int(tensor.item())
+        return value
+
+    # -- one step ------------------------------------------------------------------------
+    def set_schedules(self) -> dict[str, float]:
+        optim, steps = self.config.optim, self.schedule
+        global_batch = optim.batch_size * self.world_size
+        # Linear scaling rule (DINO Sec. 4 / App.): lr = base_lr * global batch / 256.
+        peak_lr = optim.lr * global_batch / 256
+        warmup = int(optim.warmup_epochs * steps.steps_per_epoch)
+        lr = cosine(self.step, steps.total_steps, peak_lr, optim.min_lr, warmup_steps=warmup)
+        weight_decay = cosine(self.step, steps.total_steps, optim.weight_decay, optim.weight_decay_end)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group["decay"]:
+                group["weight_decay"] = weight_decay
+        return {"lr": lr, "weight_decay": weight_decay}
+
+    def train_step(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        logged = self.set_schedules()
+        views = self.views.to_device(batch, self.device, self.config.data.mean, self.config.data.std)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, metrics = model(views, self.step)
+        if not torch.isfinite(loss):
+            raise VitrailError(
+                f"loss is {loss.item()} at step {self.step}: training stopped. The last checkpoint in "
+                f"{checkpoints.checkpoint_dir(self.config.run.dir)} is intact; lower optim.lr or raise "
+                "optim.warmup_epochs and resume"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.optim.clip_grad > 0:
+            clip_gradients(self.method, self.config.optim.clip_grad)
+        self.optimizer.step()
+        logged.update(self.method.after_step(self.step))
+        self.step += 1
+        logged.update({key: float(value) for key, value in metrics.items()})
+        return logged
+
+    def fit(self, batches: Iterable[dict], report=None, progress: bool = True) -> None:
+        """Train until `schedule.stop_step` or the data ends; `report(metrics, step)` on log steps."""
+        run = self.config.run
+        model = self.method
+        if self.world_size > 1:
+            # Unused parameters exist by design (e.g. DINO's last layer during its first epoch).
+            model = nn.parallel.DistributedDataParallel(self.method, find_unused_parameters=True)
+        bar = _progress(self.schedule.stop_step, self.step, enabled=progress and self.rank == 0)
+        images, skipped, started = 0, 0, time.perf_counter()
+        iterator: Iterator[dict] = iter(batches)
+        while self.step < self.schedule.stop_step:
+            batch = next(iterator, None)
+            if batch is None:
+                break
+            metrics = self.train_step(model, batch)
+            images += len(batch["label"]) * self.world_size
+            skipped += int(batch["skipped"].sum())
+            if self.step % run.log_every == 0 or self.step == self.schedule.stop_step:
+                elapsed = time.perf_counter() - started
+                metrics.update({"images_per_second": images / elapsed, "data/skipped": self.sum_over_ranks(skipped),
+                                "epoch": self.step / self.schedule.steps_per_epoch})
+                images, started = 0, time.perf_counter()
+                if report is not None and self.rank == 0:
+                    report(metrics, self.step)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.1f}")
+            bar.update(1)
+            if self.step % run.checkpoint_every == 0:
+                self.save_checkpoint()
+        if self.step % run.checkpoint_every != 0:
+            self.save_checkpoint()
+        bar.close()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="pretrain", unit="step",
+                mininterval=2.0, dynamic_ncols=True)
+
+
+def start_run(config: Config) -> ShardIndex:
+    """Check the shards and record the config in the run dir; returns the shard index.
+
+    Paths become absolute first, since Ray workers do not share the driver's working directory.
+    """
+    config.run.dir = str(Path(config.run.dir).resolve())
+    config.data.shards = str(Path(config.data.shards).resolve())
+    index = read_index(config.data.shards)
+    run_dir = Path(config.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+    return index
+
+
+def first_epoch(config: Config, num_samples: int, world_size: int) -> int:
+    """The epoch a resumed run restarts its data from (data resumes at epoch granularity)."""
+    step = checkpoints.latest_step(config.run.dir)
+    return step // Schedule.of(config, num_samples, world_size).steps_per_epoch

@@ -1,0 +1,98 @@
+"""Pretrain with Ray: Ray Data streams the views, Ray Train runs the loop on N DDP workers.
+
+The driver reads the shard index, builds the view dataset (decoding and augmentation run in
+Ray Data tasks, uint8 all the way), and hands `streaming_split` shards of it to the
+workers. Workers run `loop.Trainer`; rank 0 checkpoints into the run dir and logs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vitrail.errors import VitrailError
+from vitrail.launch.config import Config, RaySection, from_dict
+from vitrail.launch.loop import Trainer, first_epoch, start_run
+from vitrail.launch.tracking import Tracker
+from vitrail.pipelines.stream import ray_dataset
+
+# torch.distributed binds its own store and sockets: keep them on loopback on one machine.
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+
+
+def init_ray(settings: RaySection, dashboard: bool = True):
+    """Connect to `settings.address`, or start a one-node cluster bound to 127.0.0.1.
+
+    Ray turns 127.0.0.1 into the machine's outward address unless its single-machine mode is on
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), which must be set before `ray` is first imported.
+    """
+    if not settings.address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        for key, value in LOOPBACK_ENV.items():
+            os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return
+    if settings.address:
+        ray.init(address=settings.address, logging_level="WARNING")
+        return
+    object_store = settings.object_store_mb * 2**20 if settings.object_store_mb else None
+    ray.init(
+        num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1", object_store_memory=object_store, logging_level="WARNING",
+        runtime_env={"env_vars": dict(LOOPBACK_ENV)},
+    )
+
+
+def _worker_loop(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    config = from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    trainer = Trainer(config, loop_config["num_samples"], rank, world_size, device=ray.train.torch.get_device())
+    trainer.resume_if_possible()
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
+                                 local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+                                 local_shuffle_seed=config.run.seed + trainer.step)
+    tracker = Tracker(config.run.dir, config.run.tracking, loop_config["config"]) if rank == 0 else None
+    try:
+        trainer.fit(batches, report=tracker.log if tracker else None)
+    finally:
+        if tracker is not None:
+            sync_command = tracker.close()
+            if sync_command:
+                print(f"wandb ran offline; upload with: {sync_command}")
+
+
+def pretrain(config: Config, dashboard: bool = True) -> Path:
+    """Run the pretraining in `config` on Ray; returns the run dir."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if config.ray.workers < 1:
+        raise VitrailError("ray.workers must be at least 1 for a Ray run; use --local for one process")
+    index = start_run(config)
+    workers = config.ray.workers
+    init_ray(config.ray, dashboard)
+    start_epoch = first_epoch(config, index.num_samples, workers)
+    dataset = ray_dataset(index, config.method.views(), config.run.seed, config.data.channels,
+                          range(start_epoch, config.optim.epochs))
+    resources = {"CPU": config.ray.cpus_per_worker}
+    if config.ray.gpus_per_worker:
+        resources["GPU"] = config.ray.gpus_per_worker
+    run_dir = Path(config.run.dir).resolve()
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "num_samples": index.num_samples},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.ray.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="ray", storage_path=str(run_dir), failure_config=FailureConfig(max_failures=config.ray.max_failures),
+                             worker_runtime_env={"env_vars": dict(LOOPBACK_ENV)}),
+        datasets={"train": dataset},
+    )
+    trainer.fit()
+    return run_dir

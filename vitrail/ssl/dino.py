@@ -1,0 +1,171 @@
+"""DINO: self-distillation with no labels (Caron et al., ICCV 2021, arXiv:2104.14294).
+
+A student network is trained to match, through a cross-entropy, the output distribution of
+a teacher network whose weights are an exponential moving average of the student's. The
+teacher sees only the two global crops; the student sees every crop. Collapse is avoided by
+centring (subtracting a running mean of the teacher outputs) and sharpening (a low teacher
+temperature) the teacher's distribution. Defaults are the paper's ViT-S/16 recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from vitrail import backbones
+from vitrail.pipelines.views import MultiCrop
+from vitrail.ssl.ema import update_teacher
+from vitrail.ssl.heads import DINOHead
+from vitrail.ssl.schedules import cosine, linear_warmup
+
+
+class DINOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["dino"] = "dino"
+    # Head (Sec. 3.1, App. C): 3-layer MLP, hidden 2048, bottleneck 256, K = 65536 prototypes.
+    out_dim: int = Field(65536, ge=1)
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    head_layers: int = Field(3, ge=1)
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    # Temperatures (Sec. 3.1, App. D): student 0.1; teacher 0.04 -> 0.07 over the first 30 epochs.
+    student_temp: float = Field(0.1, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    teacher_temp: float = Field(0.07, gt=0)
+    warmup_teacher_temp_epochs: float = Field(30, ge=0)
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    # Teacher EMA momentum, cosine from 0.996 to 1 over training (Sec. 3.1).
+    momentum_teacher: float = Field(0.996, ge=0, le=1)
+    freeze_last_layer_epochs: float = Field(1, ge=0)
+    # Multi-crop (Sec. 3.1): 2 global 224 crops of scale (0.4, 1), 10 local 96 crops of (0.05, 0.4).
+    global_crop_size: int = Field(224, ge=1)
+    local_crop_size: int = Field(96, ge=1)
+    local_crops_number: int = Field(10, ge=0)
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def views(self) -> MultiCrop:
+        return MultiCrop(self.global_crop_size, self.local_crop_size, self.local_crops_number,
+                         self.global_crops_scale, self.local_crops_scale, self.blur_sigma)
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centred, sharpened teacher softmax and the student log-softmax,
+    over every (teacher global view, student view) pair except a view with itself (Eq. 3),
+    averaged over pairs. The centre is an EMA of the teacher's batch mean (Eq. 4)."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], teacher_temp: float):
+        teacher_probs = [F.softmax((t.detach().float() - self.center) / teacher_temp, dim=-1) for t in teacher_out]
+        student_log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_out]
+        total, pairs = 0.0, 0
+        for teacher_view, q in enumerate(teacher_probs):
+            for student_view, log_p in enumerate(student_log_probs):
+                if student_view == teacher_view:
+                    continue
+                total = total + torch.sum(-q * log_p, dim=-1).mean()
+                pairs += 1
+        self.update_center(teacher_out)
+        return total / pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: list[torch.Tensor]) -> None:
+        outputs = torch.cat([t.detach().float() for t in teacher_out])
+        batch_sum = outputs.sum(dim=0, keepdim=True)
+        count = torch.tensor(float(outputs.shape[0]), device=outputs.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            dist.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+class _Network(nn.Module):
+    """Backbone + head applied to crops grouped by resolution (one backbone pass per size)."""
+
+    def __init__(self, backbone: nn.Module, head: DINOHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor], freeze_last_layer: bool = False) -> list[torch.Tensor]:
+        features, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        logits = self.head(torch.cat(features), freeze_last_layer)
+        return list(logits.chunk(len(crops)))
+
+
+class DINO(nn.Module):
+    """Student and EMA teacher; `loss, metrics = dino(views, step)`, views as `config.views()` makes them."""
+
+    def __init__(self, config: DINOConfig, backbone: str, backbone_kwargs: dict,
+                 steps_per_epoch: int, total_steps: int, drop_path_rate: float = 0.1):
+        super().__init__()
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+
+        def network(drop_path):
+            trunk = backbones.create(backbone, **backbone_kwargs, **({"drop_path_rate": drop_path} if drop_path else {}))
+            head = DINOHead(trunk.embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
+                            config.head_layers, config.use_bn_in_head, config.norm_last_layer)
+            return _Network(trunk, head)
+
+        self.student = network(drop_path_rate)
+        # The teacher has no stochastic depth (official main_dino.py) and starts as the student.
+        self.teacher = network(0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        for parameter in self.teacher.parameters():
+            parameter.requires_grad = False
+        self.loss = DINOLoss(config.out_dim, config.student_temp, config.center_momentum)
+
+    def teacher_temp(self, step: int) -> float:
+        warmup_steps = int(self.config.warmup_teacher_temp_epochs * self.steps_per_epoch)
+        return linear_warmup(step, warmup_steps, self.config.warmup_teacher_temp, self.config.teacher_temp)
+
+    def momentum(self, step: int) -> float:
+        return cosine(step, self.total_steps, self.config.momentum_teacher, 1.0)
+
+    def forward(self, views: list[torch.Tensor], step: int):
+        freeze_last_layer = step < self.config.freeze_last_layer_epochs * self.steps_per_epoch
+        with torch.no_grad():
+            teacher_out = self.teacher(views[:2])
+        student_out = self.student(views, freeze_last_layer)
+        teacher_temp = self.teacher_temp(step)
+        with torch.no_grad():
+            # Entropy of the teacher's target distribution: ln(out_dim) means collapse to uniform.
+            probs = F.softmax((teacher_out[0].float() - self.loss.center) / teacher_temp, dim=-1)
+            teacher_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        loss = self.loss(student_out, teacher_out, teacher_temp)
+        return loss, {
+            "loss": loss.detach(),
+            "teacher_entropy": teacher_entropy,
+            "center_norm": self.loss.center.norm(),
+            "teacher_temp": teacher_temp,
+        }
+
+    def after_step(self, step: int) -> dict[str, float]:
+        momentum = self.momentum(step)
+        update_teacher(self.student, self.teacher, momentum)
+        return {"momentum": momentum}
+
+    def backbone_for_eval(self) -> nn.Module:
+        return self.teacher.backbone
