@@ -35,8 +35,8 @@ def knn_classify_multi_k(train_features, train_labels, test_features, test_label
 
     The number of classes is max label + 1 over train and test.
     """
-    train_labels = _checked_labels(train_labels, len(train_features), "train")
-    test_labels = _checked_labels(test_labels, len(test_features), "test")
+    train_labels = checked_labels(train_labels, len(train_features), "train")
+    test_labels = checked_labels(test_labels, len(test_features), "test")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     predictions = knn_predict(train_features, train_labels, test_features, ks, temperature, num_classes,
                               max_memory_mb, num_threads)
@@ -61,9 +61,9 @@ def knn_predict(train_features, train_labels, test_features, ks=(20,), temperatu
     batches), so keep the budget generous. FAISS uses `num_threads` OpenMP threads; default: the
     cores this process may run on.
     """
-    train_features = _checked_features(train_features, "train")
-    train_labels = _checked_labels(train_labels, len(train_features), "train")
-    test_features = _checked_features(test_features, "test")
+    train_features = checked_features(train_features, "train")
+    train_labels = checked_labels(train_labels, len(train_features), "train")
+    test_features = checked_features(test_features, "test")
     if train_features.shape[1] != test_features.shape[1]:
         raise VitrailError(f"train features have dimension {train_features.shape[1]} but test features "
                            f"{test_features.shape[1]}; both must come from the same backbone")
@@ -128,7 +128,7 @@ def _ranked_neighbours(similarities, neighbours, queries, train_features, max_k)
     return similarities, neighbours
 
 
-def _checked_features(features, split):
+def checked_features(features, split):
     """(N, D) float32 CPU features, or a VitrailError naming the problem."""
     features = torch.as_tensor(features).detach().cpu()
     if features.ndim != 2 or len(features) == 0:
@@ -141,7 +141,7 @@ def _checked_features(features, split):
     return features
 
 
-def _checked_labels(labels, num_features, split):
+def checked_labels(labels, num_features, split):
     """(N,) int64 CPU labels, one per feature, or a VitrailError naming the problem."""
     labels = torch.as_tensor(labels).detach().cpu()
     if labels.ndim != 1 or len(labels) != num_features or num_features == 0:

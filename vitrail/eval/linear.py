@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vitrail.errors import VitrailError
-from vitrail.eval.knn import _checked_features, _checked_labels
+from vitrail.eval.knn import checked_features, checked_labels
 
 # DINOv2's learning-rate grid (for batch size 256; scaled linearly with the batch size).
 DINOV2_LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -36,10 +36,10 @@ def linear_probe(train_features, train_labels, test_features, test_labels, epoch
     Returns {"top1": %, "top5": %, "best_lr": lr, "val_top1_per_lr": {lr: %}}; top-5 counts at
     most as many guesses as there are classes.
     """
-    train_features = _checked_features(train_features, "train")
-    train_labels = _checked_labels(train_labels, len(train_features), "train")
-    test_features = _checked_features(test_features, "test")
-    test_labels = _checked_labels(test_labels, len(test_features), "test")
+    train_features = checked_features(train_features, "train")
+    train_labels = checked_labels(train_labels, len(train_features), "train")
+    test_features = checked_features(test_features, "test")
+    test_labels = checked_labels(test_labels, len(test_features), "test")
     if train_features.shape[1] != test_features.shape[1]:
         raise VitrailError(f"train features have dimension {train_features.shape[1]} but test features "
                            f"{test_features.shape[1]}; both must come from the same backbone")

@@ -38,6 +38,8 @@ def latest_step(run_dir: str | Path) -> int:
 def save(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".step-*.pt.tmp"):  # left by a process killed mid-write
+        stale.unlink()
     path = folder / f"step-{step:08d}.pt"
     temporary = folder / f".{path.name}.tmp"
     torch.save(state, temporary)

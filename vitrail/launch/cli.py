@@ -52,6 +52,43 @@ def _eval_knn(args) -> None:
     print(f"\nwritten to {path}")
 
 
+def _cluster(args) -> None:
+    from vitrail.launch import submit
+
+    if args.action == "up":
+        address = submit.cluster_up(args.num_cpus, args.dashboard_port)
+        print(f"Ray head on 127.0.0.1; dashboard and Jobs API at {address}\nsubmit with: vitrail submit CONFIG --address {address}")
+    else:
+        submit.cluster_down()
+        print("Ray stopped")
+
+
+def _submit(args) -> None:
+    from vitrail.launch import config as config_module
+    from vitrail.launch import submit
+
+    config = config_module.load(args.config, args.overrides)
+    job_id = submit.submit(config, args.address, evaluate=not args.no_eval)
+    print(f"submitted job {job_id}\ndashboard: {args.address}/#/jobs/{job_id}\nrun dir: {config.run.dir}\n"
+          f"follow with: vitrail jobs logs {job_id} --follow")
+
+
+def _jobs(args) -> None:
+    from vitrail.launch import submit
+
+    if args.action != "list" and not args.job_id:
+        raise VitrailError(f"`vitrail jobs {args.action}` needs a job id (see `vitrail jobs list`)")
+    if args.action == "list":
+        for job in submit.list_jobs(args.address):
+            print(f"{job['id']}  {job['status']:<10}  {job['entrypoint']}")
+    elif args.action == "logs":
+        submit.logs(args.job_id, args.address, follow=args.follow)
+    elif args.action == "status":
+        print(submit.status(args.job_id, args.address))
+    else:
+        print(f"stop requested for {args.job_id}" if submit.stop(args.job_id, args.address) else f"{args.job_id} was not running")
+
+
 def _backbones(args) -> None:
     from vitrail import backbones
 
@@ -117,6 +154,31 @@ def parser() -> argparse.ArgumentParser:
     knn.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split")
     knn.add_argument("--device", default="cpu", help="device for feature extraction (default cpu)")
     knn.set_defaults(run=_eval_knn)
+
+    cluster = commands.add_parser("cluster", help="start or stop a local Ray head node",
+                                  description="Start (up) or stop (down) a Ray head node on this machine, bound to 127.0.0.1, "
+                                  "to try `vitrail submit` without a cluster.")
+    cluster.add_argument("action", choices=["up", "down"], help="up: start the head node; down: stop Ray on this machine")
+    cluster.add_argument("--num-cpus", type=int, default=None, help="CPUs the node offers (default: all)")
+    cluster.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and Jobs API port (default 8265)")
+    cluster.set_defaults(run=_cluster)
+
+    from vitrail.launch.submit import LOCAL_ADDRESS
+    submit = commands.add_parser("submit", help="submit a pretraining run as a Ray Job",
+                                 description="Submit CONFIG as a Ray Job: the job pretrains (and runs the k-NN eval when "
+                                 "the config names eval shards); checkpoints and results land in the config's run dir.")
+    submit.add_argument("config", help="YAML recipe")
+    submit.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    submit.add_argument("--address", default=LOCAL_ADDRESS, help=f"Ray Jobs API address (default {LOCAL_ADDRESS})")
+    submit.add_argument("--no-eval", action="store_true", help="skip the k-NN evaluation after pretraining")
+    submit.set_defaults(run=_submit)
+
+    jobs = commands.add_parser("jobs", help="list, follow or stop Ray Jobs", description="Inspect the jobs of a Ray cluster.")
+    jobs.add_argument("action", choices=["list", "logs", "status", "stop"], help="what to do")
+    jobs.add_argument("job_id", nargs="?", help="job id (for logs, status, stop)")
+    jobs.add_argument("--address", default=LOCAL_ADDRESS, help=f"Ray Jobs API address (default {LOCAL_ADDRESS})")
+    jobs.add_argument("--follow", action="store_true", help="with logs: keep printing until the job ends")
+    jobs.set_defaults(run=_jobs)
 
     listing = commands.add_parser("backbones", help="list the registered backbones with parameter counts",
                                   description="List the registered backbones with their feature width and parameter count.")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from vitrail import backbones
 from vitrail.errors import VitrailError
-from vitrail.ssl import MethodConfig
+from vitrail.ssl import METHODS, MethodConfig
 
 
 class Section(BaseModel):
@@ -86,6 +86,7 @@ class RaySection(Section):
     workers: int = Field(1, ge=0, description="training workers; 0 runs the loop in the driver process")
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
+    torch_threads: Optional[int] = Field(None, ge=1, description="intra-op threads per worker (default: cpus_per_worker)")
     address: Optional[str] = Field(None, description="existing cluster (ray://host:10001 or auto); default starts one on 127.0.0.1")
     object_store_mb: Optional[int] = Field(None, ge=64)
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
@@ -127,7 +128,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
 def _describe(error: ValidationError) -> str:
     lines = []
     for problem in error.errors():
-        key = ".".join(str(part) for part in problem["loc"] if not str(part).startswith("function-after"))
+        parts = [str(part) for part in problem["loc"] if not str(part).startswith("function-after")]
+        # The method union puts the chosen method's name in the path ('method', 'dino', 'bogus').
+        if len(parts) > 1 and parts[0] == "method" and parts[1] in METHODS:
+            del parts[1]
+        key = ".".join(parts)
         if problem["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r}")
         else:

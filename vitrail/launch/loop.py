@@ -17,6 +17,7 @@ from torch import nn
 
 from vitrail import ssl
 from vitrail.errors import VitrailError
+from vitrail.eval.features import extract
 from vitrail.launch import checkpoints
 from vitrail.launch.config import Config
 from vitrail.pipelines.shards import ShardIndex, read_index
@@ -106,6 +107,16 @@ class Trainer:
             return int(tensor.item())
         return value
 
+    def training_set_features(self, backbone: nn.Module, transform) -> tuple:
+        """(features (N, D) float32, keys) of every training sample through `transform`: what
+        `method.on_epoch_start` gets, since the view stream never holds the whole data set."""
+        was_training = backbone.training
+        data = self.config.data
+        features, _, keys = extract(backbone, read_index(data.shards), transform, data.channels, data.mean, data.std,
+                                    device=self.device, return_keys=True)
+        backbone.train(was_training)
+        return features, keys
+
     # -- one step ------------------------------------------------------------------------
     def set_schedules(self) -> dict[str, float]:
         optim, steps = self.config.optim, self.schedule
@@ -156,6 +167,8 @@ class Trainer:
             batch = next(iterator, None)
             if batch is None:
                 break
+            if self.step % self.schedule.steps_per_epoch == 0 and hasattr(self.method, "on_epoch_start"):
+                self.method.on_epoch_start(self.step // self.schedule.steps_per_epoch, self.training_set_features)
             metrics = self.train_step(model, batch)
             images += len(batch["label"]) * self.world_size
             skipped += int(batch["skipped"].sum())

@@ -8,26 +8,26 @@ workers. Workers run `loop.Trainer`; rank 0 checkpoints into the run dir and log
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
+
+import torch
 
 from vitrail.errors import VitrailError
 from vitrail.launch.config import Config, RaySection, from_dict
 from vitrail.launch.loop import Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker
+from vitrail.pipelines.shards import read_index
 from vitrail.pipelines.stream import ray_dataset
 
-# torch.distributed binds its own store and sockets: keep them on loopback on one machine.
-LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+# Single-machine runs stay on loopback: Ray's single-machine mode (else Ray swaps 127.0.0.1 for the
+# outward address; read when `ray` is first imported), and torch.distributed's own store and sockets.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
 
 
 def init_ray(settings: RaySection, dashboard: bool = True):
-    """Connect to `settings.address`, or start a one-node cluster bound to 127.0.0.1.
-
-    Ray turns 127.0.0.1 into the machine's outward address unless its single-machine mode is on
-    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), which must be set before `ray` is first imported.
-    """
+    """Connect to `settings.address`, or start a one-node cluster bound to 127.0.0.1."""
     if not settings.address:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         for key, value in LOOPBACK_ENV.items():
             os.environ.setdefault(key, value)
     import ray
@@ -50,6 +50,9 @@ def _worker_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     config = from_dict(loop_config["config"])
+    # Ray pins OMP threads to the worker's CPU reservation; the data tasks beside it may be light
+    # enough that the worker should use more (the demo: 1 CPU reserved, 2 threads).
+    torch.set_num_threads(config.ray.torch_threads or max(1, int(config.ray.cpus_per_worker)))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     trainer = Trainer(config, loop_config["num_samples"], rank, world_size, device=ray.train.torch.get_device())
@@ -68,6 +71,16 @@ def _worker_loop(loop_config: dict) -> None:
                 print(f"wandb ran offline; upload with: {sync_command}")
 
 
+def _view_dataset(config_tree: dict, workers: int):
+    """The views from the latest checkpoint's epoch on. Ray Train calls this at every worker-group
+    start, so a group restarted after a failure resumes its data with its checkpoint."""
+    config = from_dict(config_tree)
+    index = read_index(config.data.shards)
+    start_epoch = first_epoch(config, index.num_samples, workers)
+    return ray_dataset(index, config.method.views(), config.run.seed, config.data.channels,
+                       range(start_epoch, config.optim.epochs))
+
+
 def pretrain(config: Config, dashboard: bool = True) -> Path:
     """Run the pretraining in `config` on Ray; returns the run dir."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -76,23 +89,21 @@ def pretrain(config: Config, dashboard: bool = True) -> Path:
     if config.ray.workers < 1:
         raise VitrailError("ray.workers must be at least 1 for a Ray run; use --local for one process")
     index = start_run(config)
-    workers = config.ray.workers
     init_ray(config.ray, dashboard)
-    start_epoch = first_epoch(config, index.num_samples, workers)
-    dataset = ray_dataset(index, config.method.views(), config.run.seed, config.data.channels,
-                          range(start_epoch, config.optim.epochs))
+    workers = config.ray.workers
     resources = {"CPU": config.ray.cpus_per_worker}
     if config.ray.gpus_per_worker:
         resources["GPU"] = config.ray.gpus_per_worker
-    run_dir = Path(config.run.dir).resolve()
+    run_dir = Path(config.run.dir)
+    tree = config.model_dump(mode="json")
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "num_samples": index.num_samples},
+        train_loop_config={"config": tree, "num_samples": index.num_samples},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.ray.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="ray", storage_path=str(run_dir), failure_config=FailureConfig(max_failures=config.ray.max_failures),
-                             worker_runtime_env={"env_vars": dict(LOOPBACK_ENV)}),
-        datasets={"train": dataset},
+                             worker_runtime_env=None if config.ray.address else {"env_vars": dict(LOOPBACK_ENV)}),
+        datasets={"train": partial(_view_dataset, tree, workers)},
     )
     trainer.fit()
     return run_dir

@@ -224,3 +224,90 @@ class EvalTransform:
             top, left = (size[0] - self.crop_size) // 2, (size[1] - self.crop_size) // 2
             out.append(x[0, :, top:top + self.crop_size, left:left + self.crop_size])
         return {"image": torch.stack(out).clamp_(0, 255).round_().to(torch.uint8).numpy()}
+
+
+def key_ids(keys) -> np.ndarray:
+    """Sample key strings -> int64 ids (63-bit blake2b), so per-sample state can live in tensors."""
+    return np.array([int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8).digest(), "little")
+                     & ((1 << 63) - 1) for key in keys], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class SingleCrop:
+    """One random-resized crop per image with a horizontal flip and no photometric change, the
+    augmentation of DeepCluster (Caron et al. 2018, Sec. 4) and RotNet (Gidaris et al. 2018,
+    Sec. 3). Column "image" (B, C, S, S) uint8; `to_device` also gives the samples' `key_ids`.
+    """
+
+    size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+
+    def augment(self) -> Augment:
+        return Augment(self.size, self.scale, blur_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0)
+
+    def __call__(self, images, keys, seed: int, epoch: int) -> dict[str, np.ndarray]:
+        generators = [sample_generator(seed, epoch, key) for key in keys]
+        return {"image": self.augment()(images, generators).numpy()}
+
+    def to_device(self, batch: dict, device, mean, std) -> dict[str, torch.Tensor]:
+        return {"images": normalize(torch.as_tensor(batch["image"]).to(device, non_blocking=True), mean, std),
+                "key_ids": torch.from_numpy(key_ids(batch["key"])).to(device)}
+
+
+@dataclass(frozen=True)
+class Rotations(SingleCrop):
+    """RotNet's views (Gidaris et al. 2018, Sec. 2.2): each crop in the four rotations 0, 90,
+    180 and 270 degrees, labelled 0-3. The rotations are made on the device, so only the
+    unrotated uint8 crop crosses the object store."""
+
+    def to_device(self, batch: dict, device, mean, std) -> dict[str, torch.Tensor]:
+        images = normalize(torch.as_tensor(batch["image"]).to(device, non_blocking=True), mean, std)
+        rotated = torch.cat([torch.rot90(images, quarter, dims=(-2, -1)) for quarter in range(4)])  # (4B, C, S, S)
+        labels = torch.arange(4, device=device).repeat_interleave(len(images))
+        return {"images": rotated, "labels": labels}
+
+
+@dataclass(frozen=True)
+class BlockMasking:
+    """iBOT's blockwise masks (Zhou et al. 2022, Sec. 3.2 / App. B, after BEiT): per image a
+    ratio r is drawn, uniformly among U(m - v, m + v) for each (m, v) of `ratios` x `ratio_vars`
+    (iBOT's `pred_ratio 0 0.3, pred_ratio_var 0 0.2`: r = 0 or U(0.1, 0.5), half the time
+    each), then rectangles of area >= (min(H, W) // 3)^2 and aspect in `aspect` are added
+    until r H W patches are masked or ten tries add nothing."""
+
+    ratios: tuple[float, ...] = (0.0, 0.3)
+    ratio_vars: tuple[float, ...] = (0.0, 0.2)
+    aspect: tuple[float, float] = (0.3, 1 / 0.3)
+
+    def ratio(self, generator: torch.Generator) -> float:
+        choice = int(torch.randint(len(self.ratios), (), generator=generator))
+        mean, var = self.ratios[choice], self.ratio_vars[choice]
+        return _uniform(generator, mean - var, mean + var) if var > 0 else mean
+
+    def mask(self, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """One (height, width) bool mask."""
+        mask = torch.zeros(height, width, dtype=torch.bool)
+        target = self.ratio(generator) * height * width
+        min_area = (min(height, width) // 3) ** 2
+        log_aspect = (math.log(self.aspect[0]), math.log(self.aspect[1]))
+        while mask.sum() < target:
+            budget = target - mask.sum().item()
+            for _ in range(10):
+                area = _uniform(generator, min_area, budget)
+                aspect = math.exp(_uniform(generator, *log_aspect))
+                h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+                if h < height and w < width:
+                    top = int(torch.randint(0, height - h + 1, (), generator=generator))
+                    left = int(torch.randint(0, width - w + 1, (), generator=generator))
+                    added = h * w - mask[top:top + h, left:left + w].sum().item()
+                    # A block that would overshoot the budget or add nothing is redrawn.
+                    if 0 < added <= budget:
+                        mask[top:top + h, left:left + w] = True
+                        break
+            else:
+                break
+        return mask
+
+    def __call__(self, count: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """(count, height, width) bool masks, one ratio drawn per mask."""
+        return torch.stack([self.mask(height, width, generator) for _ in range(count)])

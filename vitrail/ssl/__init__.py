@@ -5,19 +5,34 @@
     loss, metrics = method(views, step)   # one forward
     method.after_step(step)               # after the optimizer step: EMA teacher, schedules
     method.backbone_for_eval()            # the module whose frozen features are evaluated
+
+and optionally `method.on_epoch_start(epoch, training_set_features)`, which the training loop
+calls before each epoch's first step (DeepCluster re-clusters the whole training set there).
 """
 
 from __future__ import annotations
 
+from typing import Annotated, Union
+
+from pydantic import Field
 from torch import nn
 
+from vitrail.ssl.byol import BYOL, BYOLConfig
+from vitrail.ssl.deepcluster import DeepCluster, DeepClusterConfig
 from vitrail.ssl.dino import DINO, DINOConfig
+from vitrail.ssl.ibot import IBOT, IBOTConfig
+from vitrail.ssl.rotnet import RotNet, RotNetConfig
 
 METHODS = {
+    "byol": (BYOLConfig, BYOL),
+    "deepcluster": (DeepClusterConfig, DeepCluster),
     "dino": (DINOConfig, DINO),
+    "ibot": (IBOTConfig, IBOT),
+    "rotnet": (RotNetConfig, RotNet),
 }
 
-MethodConfig = DINOConfig
+# `method.name` picks the section's schema, so each method's keys are checked against its own config.
+MethodConfig = Annotated[Union[tuple(config for config, _ in METHODS.values())], Field(discriminator="name")]
 
 
 def names() -> list[str]:

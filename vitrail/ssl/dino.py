@@ -93,6 +93,13 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
 
 
+@torch.no_grad()
+def teacher_entropy(logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean entropy of the teacher's targets: ln(out_dim) means collapse to uniform, 0 to one prototype."""
+    probs = F.softmax((logits.float() - center) / temperature, dim=-1)
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+
+
 class _Network(nn.Module):
     """Backbone + head applied to crops grouped by resolution (one backbone pass per size)."""
 
@@ -122,20 +129,21 @@ class DINO(nn.Module):
         self.config = config
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
-
-        def network(drop_path):
-            trunk = backbones.create(backbone, **backbone_kwargs, **({"drop_path_rate": drop_path} if drop_path else {}))
-            head = DINOHead(trunk.embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
-                            config.head_layers, config.use_bn_in_head, config.norm_last_layer)
-            return _Network(trunk, head)
-
-        self.student = network(drop_path_rate)
+        self.student = self.network(backbone, backbone_kwargs, drop_path_rate)
         # The teacher has no stochastic depth (official main_dino.py) and starts as the student.
-        self.teacher = network(0.0)
+        self.teacher = self.network(backbone, backbone_kwargs, 0.0)
         self.teacher.load_state_dict(self.student.state_dict())
         for parameter in self.teacher.parameters():
             parameter.requires_grad = False
         self.loss = DINOLoss(config.out_dim, config.student_temp, config.center_momentum)
+
+    def network(self, backbone: str, backbone_kwargs: dict, drop_path: float) -> nn.Module:
+        """Backbone + head; a subclass (iBOT) builds its own pair here."""
+        config = self.config
+        trunk = backbones.create(backbone, **backbone_kwargs, **({"drop_path_rate": drop_path} if drop_path else {}))
+        head = DINOHead(trunk.embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
+                        config.head_layers, config.use_bn_in_head, config.norm_last_layer)
+        return _Network(trunk, head)
 
     def teacher_temp(self, step: int) -> float:
         warmup_steps = int(self.config.warmup_teacher_temp_epochs * self.steps_per_epoch)
@@ -151,13 +159,11 @@ class DINO(nn.Module):
         student_out = self.student(views, freeze_last_layer)
         teacher_temp = self.teacher_temp(step)
         with torch.no_grad():
-            # Entropy of the teacher's target distribution: ln(out_dim) means collapse to uniform.
-            probs = F.softmax((teacher_out[0].float() - self.loss.center) / teacher_temp, dim=-1)
-            teacher_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            entropy = teacher_entropy(teacher_out[0], self.loss.center, teacher_temp)
         loss = self.loss(student_out, teacher_out, teacher_temp)
         return loss, {
             "loss": loss.detach(),
-            "teacher_entropy": teacher_entropy,
+            "teacher_entropy": entropy,
             "center_norm": self.loss.center.norm(),
             "teacher_temp": teacher_temp,
         }

@@ -54,3 +54,21 @@ class DINOHead(nn.Module):
     def forward(self, x, freeze_last_layer: bool = False):
         x = F.normalize(self.mlp(x), dim=-1, p=2)
         return self.last_layer(x, frozen=freeze_last_layer)
+
+
+class IBOTHead(DINOHead):
+    """iBOT's head (Zhou et al. 2022, Sec. 3.2 / official iBOTHead): DINO's head on the CLS token
+    and, through the same MLP, on every patch token. Patch tokens get their own last layer of
+    `patch_out_dim` prototypes unless `shared_head`, in which case they share the CLS one.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, patch_out_dim: int, shared_head: bool, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, num_layers: int = 3, norm_last_layer: bool = True):
+        super().__init__(in_dim, out_dim, hidden_dim, bottleneck_dim, num_layers, False, norm_last_layer)
+        self.patch_last_layer = None if shared_head else WeightNormLinear(bottleneck_dim, patch_out_dim, norm_last_layer)
+
+    def forward_tokens(self, cls: torch.Tensor, patches: torch.Tensor, freeze_last_layer: bool = False):
+        """cls (B, D), patches (B, N, D) -> (B, out_dim), (B, N, patch_out_dim)."""
+        patches = F.normalize(self.mlp(patches), dim=-1, p=2)
+        last_layer = self.patch_last_layer or self.last_layer
+        return self(cls, freeze_last_layer), last_layer(patches, frozen=freeze_last_layer)

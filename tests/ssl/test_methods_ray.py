@@ -1,0 +1,31 @@
+"""Every new method for two steps under Ray Train (Ray Data views, one worker), in one test
+because each Ray run costs seconds here."""
+
+import json
+
+from vitrail.launch import checkpoints
+from vitrail.launch.config import from_dict
+from vitrail.launch.train import pretrain
+
+import test_byol
+import test_deepcluster
+import test_ibot
+import test_rotnet
+
+HEALTH_METRIC = {
+    test_byol: "cosine_similarity",
+    test_deepcluster: "clusters/nonempty",
+    test_ibot: "patch_teacher_entropy",
+    test_rotnet: "rotation_accuracy",
+}
+
+
+def test_every_method_trains_under_ray_train(ray_cluster, fashion_shards, tmp_path):
+    for module, metric in HEALTH_METRIC.items():
+        run_dir = tmp_path / module.__name__
+        tree = module.tiny_tree(fashion_shards, run_dir, epochs=1, batch_size=32, max_steps=2)
+        tree["run"]["checkpoint_every"] = 2
+        pretrain(from_dict(tree), dashboard=False)
+        assert checkpoints.latest_step(run_dir) == 2, module.__name__
+        row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert row["step"] == 2 and metric in row, module.__name__

@@ -1,0 +1,76 @@
+"""The `vitrail` command as a user runs it."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vitrail.launch.cli import main, parser
+from vitrail.launch.config import from_dict
+from vitrail.launch.local import pretrain
+
+from conftest import tiny_config_tree
+
+
+def _all_parsers(root):
+    yield root
+    for action in root._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+def test_every_option_of_every_command_is_documented(capsys):
+    for command in _all_parsers(parser()):
+        assert command.description, command.prog
+        for action in command._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, f"{command.prog} {action.dest}"
+    with pytest.raises(SystemExit) as done:
+        main(["pretrain", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "--workers" in text and "--local" in text and "overrides" in text
+
+
+def _run(*args):
+    # A fresh interpreter, to see whether the command got as far as starting Ray.
+    code = ("import sys; from vitrail.launch.cli import main; code = main(sys.argv[1:]); "
+            "ray = sys.modules.get('ray'); print('RAY-STARTED' if ray and ray.is_initialized() else 'NO-RAY'); sys.exit(code)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_key_fails_before_ray_starts():
+    done = _run("pretrain", "configs/demo.yaml", "model.bogus=1")
+    assert done.returncode == 2
+    assert "unknown config key 'model.bogus'" in done.stderr
+    assert "NO-RAY" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_missing_shard_directory_is_named(tmp_path):
+    absent = tmp_path / "no-shards"
+    done = _run("pretrain", "configs/demo.yaml", f"data.shards={absent}", f"run.dir={tmp_path / 'run'}")
+    assert done.returncode == 2
+    assert f"shard directory {absent} does not exist" in done.stderr
+    assert "NO-RAY" in done.stdout
+
+
+def test_shard_verify_and_eval_knn_with_baselines(fashion_shards, tmp_path, capsys):
+    assert main(["shard", "verify", str(fashion_shards / "train")]) == 0
+    assert "every sha256 matches" in capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    pretrain(from_dict(tiny_config_tree(fashion_shards, run_dir, optim={"max_steps": 4})), progress=False)
+    assert main(["eval", "knn", str(run_dir), "--baselines", "--k", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "| raw pixels | 784 |" in printed and "| pretrained (step 4) | 48 |" in printed
+    rows = json.loads((run_dir / "results.json").read_text())["knn"]
+    assert [row["features"] for row in rows] == ["raw pixels", "random init", "pretrained (step 4)"]
+    # Raw pixels of real Fashion-MNIST are far above the 10% of chance, even from 640 images.
+    assert rows[0]["top1"] > 60 and all(0 <= row["top1"] <= row["top5"] <= 100 for row in rows)
+
+
+def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", "knn", str(tmp_path)]) == 2
+    assert f"no checkpoint in {tmp_path / 'checkpoints'}" in capsys.readouterr().err

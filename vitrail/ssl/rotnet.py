@@ -1,0 +1,64 @@
+"""RotNet: unsupervised representation learning by predicting image rotations
+(Gidaris, Singh & Komodakis, ICLR 2018, arXiv:1803.07728).
+
+Every image is shown in four rotations (0, 90, 180, 270 degrees) and the network classifies
+which one it sees. Recognising an object's canonical orientation requires recognising the
+object, so the backbone learns semantic features. The paper trains NIN on CIFAR-10 and
+AlexNet on ImageNet; here any backbone of the registry takes their place, followed by a
+linear 4-way classifier on its pooled features.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from vitrail import backbones
+from vitrail.pipelines.views import Rotations
+
+NUM_ROTATIONS = 4
+
+
+class RotNetConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["rotnet"] = "rotnet"
+    # ImageNet recipe (official config/ImageNet_RotNet_AlexNet.py, `random_sized_crop`): random
+    # resized 224 crops and horizontal flips; all four rotations of an image in the same batch
+    # (Sec. 2.2 / 3, which finds this better than one random rotation per image).
+    crop_size: int = Field(224, ge=1)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    def views(self) -> Rotations:
+        return Rotations(self.crop_size, self.crop_scale)
+
+
+def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of (4B, 4) rotation logits against labels (4B,), and the accuracy in [0, 1]."""
+    return F.cross_entropy(logits.float(), labels), (logits.argmax(dim=1) == labels).float().mean()
+
+
+class RotNet(nn.Module):
+    """Backbone + linear rotation classifier; `loss, metrics = rotnet(views, step)`."""
+
+    def __init__(self, config: RotNetConfig, backbone: str, backbone_kwargs: dict,
+                 steps_per_epoch: int, total_steps: int, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.config = config
+        self.backbone = backbones.create(backbone, **backbone_kwargs,
+                                         **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
+        self.head = nn.Linear(self.backbone.embed_dim, NUM_ROTATIONS)
+
+    def forward(self, views: dict[str, torch.Tensor], step: int):
+        loss, accuracy = rotation_loss(self.head(self.backbone(views["images"])), views["labels"])
+        return loss, {"loss": loss.detach(), "rotation_accuracy": accuracy}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    def backbone_for_eval(self) -> nn.Module:
+        return self.backbone
