@@ -29,7 +29,7 @@ fashion-mnist:
 demo: install fashion-mnist
 	$(BIN)/vitrail shard fashion-mnist $(DATA)/fashion-mnist --workers 2
 	$(BIN)/vitrail pretrain configs/demo.yaml
-	$(BIN)/vitrail eval knn runs/demo --baselines
+	$(BIN)/vitrail eval knn runs/demo --baselines --resize-size 28
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q

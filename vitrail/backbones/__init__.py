@@ -6,6 +6,8 @@ Each architecture lives in one file that exposes its model class and a `VARIANTS
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from vitrail.backbones import conformer, levit, mobileformer, resnet, swin, vit
@@ -27,11 +29,22 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def arguments(name: str) -> list[str]:
+    """The keyword arguments backbone `name`'s constructor accepts."""
+    return list(inspect.signature(_REGISTRY[name][0]).parameters)
+
+
 def create(name: str, **overrides) -> nn.Module:
-    """Build backbone `name` with its variant table's kwargs, updated by `overrides`."""
+    """Build backbone `name` with its variant table's kwargs, updated by `overrides`.
+
+    `drop_path_rate`, which every SSL method passes for its student, is dropped for
+    architectures without stochastic depth (ResNet, Mobile-Former) rather than failing.
+    """
     if name not in _REGISTRY:
         raise VitrailError(f"unknown backbone {name!r}; known backbones: {', '.join(names())}")
     cls, cfg = _REGISTRY[name]
+    if "drop_path_rate" not in arguments(name):
+        overrides.pop("drop_path_rate", None)
     return cls(**{**cfg, **overrides})
 
 

@@ -6,7 +6,6 @@ dotted key. Method sections are defined beside their method in `vitrail/ssl/<met
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -53,7 +52,8 @@ class DataSection(Section):
 
 class ModelSection(Section):
     backbone: str = "vit_small"
-    # DINO Sec. 3 / official main_dino.py: stochastic depth 0.1 in the student.
+    # DINO Sec. 3 / official main_dino.py: stochastic depth 0.1 in the student (ignored by
+    # backbones without stochastic depth, such as ResNet).
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
     kwargs: dict = Field(default_factory=dict, description="extra keyword arguments of the backbone")
 
@@ -61,7 +61,7 @@ class ModelSection(Section):
     def _known_backbone_and_kwargs(self):
         if self.backbone not in backbones.names():
             raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(backbones.names())}")
-        accepted = inspect.signature(backbones._REGISTRY[self.backbone][0]).parameters
+        accepted = backbones.arguments(self.backbone)
         for key in self.kwargs:
             if key not in accepted:
                 raise ValueError(f"model.kwargs.{key} is not an argument of {self.backbone}; accepted: {', '.join(accepted)}")

@@ -77,6 +77,8 @@ def ray_dataset(index: ShardIndex, recipe, seed: int, channels: int, epochs: ran
     """A Ray dataset streaming the views of `epochs` back to back, shards reshuffled per epoch."""
     import ray.data
 
+    # Ray Data's per-operator bars would drown the training progress bar.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     per_epoch = []
     for epoch in epochs:
         paths = epoch_shard_order(index.paths, seed, epoch) if shuffle else index.paths
