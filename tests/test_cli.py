@@ -57,18 +57,22 @@ def test_missing_shard_directory_is_named(tmp_path):
     assert "NO-RAY" in done.stdout
 
 
-def test_shard_verify_and_eval_knn_with_baselines(fashion_shards, tmp_path, capsys):
+def test_shard_verify_and_eval_all_with_baselines(fashion_shards, tmp_path, capsys):
     assert main(["shard", "verify", str(fashion_shards / "train")]) == 0
     assert "every sha256 matches" in capsys.readouterr().out
     run_dir = tmp_path / "run"
     pretrain(from_dict(tiny_config_tree(fashion_shards, run_dir, optim={"max_steps": 4})), progress=False)
-    assert main(["eval", "knn", str(run_dir), "--baselines", "--k", "10"]) == 0
+    assert main(["eval", "all", str(run_dir), "--baselines", "--k", "10", "--epochs", "20"]) == 0
     printed = capsys.readouterr().out
+    assert "weighted k-NN (k=10, T=0.07)" in printed and "linear probe (20 epochs)" in printed
     assert "| raw pixels | 784 |" in printed and "| pretrained (step 4) | 48 |" in printed
-    rows = json.loads((run_dir / "results.json").read_text())["knn"]
-    assert [row["features"] for row in rows] == ["raw pixels", "random init", "pretrained (step 4)"]
-    # Raw pixels of real Fashion-MNIST are far above the 10% of chance, even from 640 images.
-    assert rows[0]["top1"] > 60 and all(0 <= row["top1"] <= row["top5"] <= 100 for row in rows)
+    results = json.loads((run_dir / "results.json").read_text())
+    for protocol in ("knn", "linear"):
+        rows = results[protocol]
+        assert [row["features"] for row in rows] == ["raw pixels", "random init", "pretrained (step 4)"]
+        # Raw pixels of real Fashion-MNIST are far above the 10% of chance, even from 640 images.
+        assert rows[0]["top1"] > 60 and all(0 <= row["top1"] <= row["top5"] <= 100 for row in rows)
+    assert all(row["best_lr"] > 0 for row in results["linear"])
 
 
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):

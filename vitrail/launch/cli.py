@@ -40,15 +40,17 @@ def _pretrain(args) -> None:
     print(f"run dir: {Path(config.run.dir)}")
 
 
-def _eval_knn(args) -> None:
-    from vitrail.eval.report import knn_rows, table, write_results
+def _eval(args) -> None:
+    from vitrail.eval.report import evaluate, table, write_results
 
-    rows = knn_rows(args.checkpoint, args.train_shards, args.test_shards, k=args.k, temperature=args.temperature,
-                    resize_size=args.resize_size, crop_size=args.crop_size, baselines=args.baselines,
-                    limit=args.limit, device=args.device)
-    path = write_results(args.checkpoint, "knn", rows)
-    print(f"\nweighted k-NN (k={args.k}, T={args.temperature}), top-1 / top-5 in %:\n")
-    print(table(rows))
+    protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
+    results = evaluate(args.checkpoint, protocols, args.train_shards, args.test_shards, k=args.k,
+                       temperature=args.temperature, linear_epochs=args.epochs, resize_size=args.resize_size,
+                       crop_size=args.crop_size, baselines=args.baselines, limit=args.limit, device=args.device)
+    path = write_results(args.checkpoint, results)
+    titles = {"knn": f"weighted k-NN (k={args.k}, T={args.temperature})", "linear": f"linear probe ({args.epochs} epochs)"}
+    for protocol, rows in results.items():
+        print(f"\n{titles[protocol]}, top-1 / top-5 in %:\n\n{table(rows)}")
     print(f"\nwritten to {path}")
 
 
@@ -140,20 +142,28 @@ def parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate frozen features", description="Evaluate the frozen features of a run.")
     protocols = evaluate.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
-    knn = protocols.add_parser("knn", help="DINO's weighted k-NN with FAISS", description="Weighted k-NN (DINO): "
-                               "l2-normalised features, inner-product search, neighbours vote with weight exp(sim/T). "
-                               "Prints top-1/top-5 and writes results.json in the run dir.")
-    knn.add_argument("checkpoint", help="run dir (its last checkpoint) or a checkpoint file")
-    knn.add_argument("--train-shards", default=None, help="shards of the k-NN bank (default: data.eval_train_shards)")
-    knn.add_argument("--test-shards", default=None, help="shards to classify (default: data.eval_test_shards)")
-    knn.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
-    knn.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
-    knn.add_argument("--resize-size", type=int, default=None, help="short side before the centre crop (default crop*256/224)")
-    knn.add_argument("--crop-size", type=int, default=None, help="centre crop (default: the global crop size)")
-    knn.add_argument("--baselines", action="store_true", help="also evaluate raw pixels and the randomly initialised backbone")
-    knn.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split")
-    knn.add_argument("--device", default="cpu", help="device for feature extraction (default cpu)")
-    knn.set_defaults(run=_eval_knn)
+    texts = {
+        "knn": ("DINO's weighted k-NN with FAISS", "Weighted k-NN (DINO): l2-normalised features, FAISS inner-product "
+                "search, neighbours vote with weight exp(sim/T)."),
+        "linear": ("linear probe on frozen features", "Linear probe (DINO/DINOv2): SGD on frozen features, a grid of "
+                   "learning rates trained at once, the best on a held-out 10% of train reported on test."),
+        "all": ("k-NN and linear probe", "Both the k-NN and the linear probe, from one feature extraction."),
+    }
+    for protocol, (summary, text) in texts.items():
+        sub = protocols.add_parser(protocol, help=summary, description=f"{text} Prints top-1/top-5 and writes "
+                                   "results.json in the run dir.")
+        sub.add_argument("checkpoint", help="run dir (its last checkpoint) or a checkpoint file")
+        sub.add_argument("--train-shards", default=None, help="shards of the k-NN bank / probe training set (default: data.eval_train_shards)")
+        sub.add_argument("--test-shards", default=None, help="shards to classify (default: data.eval_test_shards)")
+        sub.add_argument("--k", type=int, default=20, help="k-NN neighbours (default 20)")
+        sub.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature T (default 0.07)")
+        sub.add_argument("--epochs", type=int, default=100, help="linear-probe epochs (default 100, DINO's)")
+        sub.add_argument("--resize-size", type=int, default=None, help="short side before the centre crop (default crop*256/224)")
+        sub.add_argument("--crop-size", type=int, default=None, help="centre crop (default: the training crop size)")
+        sub.add_argument("--baselines", action="store_true", help="also evaluate raw pixels and the randomly initialised backbone")
+        sub.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split")
+        sub.add_argument("--device", default="cpu", help="device for feature extraction and the probe (default cpu)")
+        sub.set_defaults(run=_eval)
 
     cluster = commands.add_parser("cluster", help="start or stop a local Ray head node",
                                   description="Start (up) or stop (down) a Ray head node on this machine, bound to 127.0.0.1, "
