@@ -91,6 +91,19 @@ def _jobs(args) -> None:
         print(f"stop requested for {args.job_id}" if submit.stop(args.job_id, args.address) else f"{args.job_id} was not running")
 
 
+def _dashboard(args) -> None:
+    import subprocess
+
+    from vitrail.launch.tracking import dashboard_command
+
+    command = dashboard_command(args.run_dirs, args.port)
+    print(f"TensorBoard at http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+    try:
+        subprocess.run(command, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
 def _backbones(args) -> None:
     from vitrail import backbones
 
@@ -189,6 +202,13 @@ def parser() -> argparse.ArgumentParser:
     jobs.add_argument("--address", default=LOCAL_ADDRESS, help=f"Ray Jobs API address (default {LOCAL_ADDRESS})")
     jobs.add_argument("--follow", action="store_true", help="with logs: keep printing until the job ends")
     jobs.set_defaults(run=_jobs)
+
+    dashboard = commands.add_parser("dashboard", help="TensorBoard over one or many runs, on 127.0.0.1",
+                                    description="Start TensorBoard on 127.0.0.1 over the event files of RUN_DIRs "
+                                    "(runs trained with run.tracking=tensorboard), one curve per run.")
+    dashboard.add_argument("run_dirs", nargs="+", help="run directories")
+    dashboard.add_argument("--port", type=int, default=6006, help="port on 127.0.0.1 (default 6006)")
+    dashboard.set_defaults(run=_dashboard)
 
     listing = commands.add_parser("backbones", help="list the registered backbones with parameter counts",
                                   description="List the registered backbones with their feature width and parameter count.")
