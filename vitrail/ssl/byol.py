@@ -64,7 +64,7 @@ class BYOL(nn.Module):
         super().__init__()
         self.config = config
         self.total_steps = total_steps
-        trunk = backbones.create(backbone, **backbone_kwargs, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
+        trunk = backbones.create(backbone, **backbone_kwargs, drop_path_rate=drop_path_rate)
         self.online = nn.Sequential(trunk, mlp(trunk.embed_dim, config.hidden_dim, config.projection_dim))
         self.predictor = mlp(config.projection_dim, config.hidden_dim, config.projection_dim)
         self.target = copy.deepcopy(self.online)

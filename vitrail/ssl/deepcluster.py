@@ -95,7 +95,7 @@ class DeepCluster(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbones.create(backbone, **backbone_kwargs,
-                                         **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
+                                         drop_path_rate=drop_path_rate)
         self.classifier = nn.Linear(self.backbone.embed_dim, config.num_clusters)
         # Drawn from the run's seeded RNG; epoch e clusters with a seed derived from (seed, e).
         self.register_buffer("clustering_seed", torch.randint(0, 2**62, ()))

@@ -9,7 +9,6 @@ temperature) the teacher's distribution. Defaults are the paper's ViT-S/16 recip
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -140,7 +139,7 @@ class DINO(nn.Module):
     def network(self, backbone: str, backbone_kwargs: dict, drop_path: float) -> nn.Module:
         """Backbone + head; a subclass (iBOT) builds its own pair here."""
         config = self.config
-        trunk = backbones.create(backbone, **backbone_kwargs, **({"drop_path_rate": drop_path} if drop_path else {}))
+        trunk = backbones.create(backbone, **backbone_kwargs, drop_path_rate=drop_path)
         head = DINOHead(trunk.embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
                         config.head_layers, config.use_bn_in_head, config.norm_last_layer)
         return _Network(trunk, head)

@@ -136,7 +136,7 @@ class IBOT(DINO):
 
     def network(self, backbone: str, backbone_kwargs: dict, drop_path: float) -> nn.Module:
         config = self.config
-        trunk = backbones.create(backbone, **backbone_kwargs, **({"drop_path_rate": drop_path} if drop_path else {}))
+        trunk = backbones.create(backbone, **backbone_kwargs, drop_path_rate=drop_path)
         head = IBOTHead(trunk.embed_dim, config.out_dim, config.patch_out_dim, config.shared_head, config.hidden_dim,
                         config.bottleneck_dim, config.head_layers, config.norm_last_layer)
         return _MaskedNetwork(trunk, head)

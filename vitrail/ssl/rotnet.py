@@ -50,7 +50,7 @@ class RotNet(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbones.create(backbone, **backbone_kwargs,
-                                         **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
+                                         drop_path_rate=drop_path_rate)
         self.head = nn.Linear(self.backbone.embed_dim, NUM_ROTATIONS)
 
     def forward(self, views: dict[str, torch.Tensor], step: int):
