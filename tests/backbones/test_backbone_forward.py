@@ -19,16 +19,17 @@ def _assert_features(features, model, batch=2):
 
 
 @pytest.mark.parametrize("name", backbones.names())
-def test_local_crop_features(name):
+def test_global_and_local_crop_features(name):
     model = backbones.create(name).eval()
     with torch.no_grad():
-        _assert_features(model(_images(2, 96)), model)
+        for size in (224, 96):
+            _assert_features(model(_images(2, size)), model)
 
 
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)
 def test_global_crop_training_step(name):
     """Train mode (BN batch statistics, drop path) at 224 px, gradients reach every parameter."""
-    model = backbones.create(name, drop_path_rate=0.1) if name != "resnet18" else backbones.create(name)
+    model = backbones.create(name, drop_path_rate=0.1)  # ignored by backbones without stochastic depth
     model.train()
     features = model(_images(2, 224))
     _assert_features(features, model)
