@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 
-import pytest
 
 from vitrail.launch import checkpoints
 from vitrail.launch.config import from_dict

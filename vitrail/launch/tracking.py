@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from pathlib import Path
+
+from vitrail.errors import VitrailError
 
 
 class Tracker:
@@ -61,13 +64,10 @@ def _start_wandb(run_dir: Path, config: dict, name: str):
 
 def dashboard_command(run_dirs: list[str | Path], port: int = 6006) -> list[str]:
     """TensorBoard over the runs' event files, bound to 127.0.0.1, each run named by its folder."""
-    import sys
-
     specs = []
     for run_dir in run_dirs:
         events = Path(run_dir) / "tensorboard"
         if not events.is_dir():
-            from vitrail.errors import VitrailError
             raise VitrailError(f"{run_dir} has no tensorboard/ folder; train it with run.tracking=tensorboard")
         specs.append(f"{Path(run_dir).resolve().name}:{events.resolve()}")
     return [sys.executable, "-m", "tensorboard.main", "--logdir_spec", ",".join(specs),
