@@ -78,3 +78,38 @@ def test_shard_verify_and_eval_all_with_baselines(fashion_shards, tmp_path, caps
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "knn", str(tmp_path)]) == 2
     assert f"no checkpoint in {tmp_path / 'checkpoints'}" in capsys.readouterr().err
+
+
+def test_eval_reuses_cached_features(fashion_shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    pretrain(from_dict(tiny_config_tree(fashion_shards, run_dir, optim={"max_steps": 4})), progress=False)
+    command = ["eval", "all", "--checkpoint", str(run_dir), "--data", str(fashion_shards), "--k", "10", "20",
+               "--epochs", "5", "--limit", "256"]
+    assert main(command) == 0
+    first = capsys.readouterr().out
+    assert first.count("extracting pretrained (step 4)") == 2 and "features cached in" not in first
+    entries = sorted((run_dir / "features").iterdir())
+    assert [entry.name.rsplit("-", 1)[0] for entry in entries] == ["pretrained-step-4-test", "pretrained-step-4-train"]
+    stamps = {path: path.stat().st_mtime_ns for entry in entries for path in entry.iterdir()}
+    results = json.loads((run_dir / "results.json").read_text())
+    # A 48-wide ViT: the k-NN reads the last CLS, the probe DINO's ViT-S features (the last 4 blocks' CLS,
+    # here both blocks' of this 2-block ViT).
+    assert [(row["k"], row["dim"]) for row in results["knn"]] == [(10, 48), (20, 48)]
+    assert results["linear"][0]["probe_features"] == "last4" and results["linear"][0]["dim"] == 2 * 48
+
+    assert main(command) == 0
+    second = capsys.readouterr().out
+    assert "extracting" not in second and second.count("features cached in") == 2
+    assert {path: path.stat().st_mtime_ns for entry in entries for path in entry.iterdir()} == stamps
+    assert json.loads((run_dir / "results.json").read_text()) == results
+
+    assert main(command + ["--no-cache"]) == 0
+    assert capsys.readouterr().out.count("extracting") == 2
+    assert sorted((run_dir / "features").iterdir()) == entries
+
+
+def test_eval_names_its_checkpoint_once(tmp_path, capsys):
+    assert main(["eval", "knn", str(tmp_path), "--checkpoint", str(tmp_path)]) == 2
+    assert "name the checkpoint once" in capsys.readouterr().err
+    assert main(["eval", "knn", str(tmp_path), "--data", str(tmp_path), "--train-shards", str(tmp_path)]) == 2
+    assert "either --data" in capsys.readouterr().err

@@ -1,7 +1,15 @@
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
+import yaml
 
 from vitrail.errors import VitrailError
 from vitrail.launch import config as config_module
+
+from conftest import tiny_config_tree
 
 
 def _write(tmp_path, text):
@@ -31,7 +39,10 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("model.bogus=1", "unknown config key 'model.bogus'"),
     ("method.teacher_tmp=0.04", "unknown config key 'method.teacher_tmp'"),
     ("optim.batch_size=many", "optim.batch_size"),
-    ("model.backbone=vit_huge", "unknown backbone 'vit_huge'"),
+    ("model.backbone=vit_huge", r"unknown backbone 'vit_huge'; known: conformer_base, .*resnet18, .*vit_tiny"),
+    ("method.name=simclr", "'simclr' .* expected tags: 'byol', 'deepcluster', 'dino', 'ibot', 'rotnet'"),
+    ("method.local_crops_number=-1", "method.local_crops_number: Input should be greater than or equal to 0"),
+    ("model.sync_batchnorm=maybe", "model.sync_batchnorm"),
     ("model.kwargs.depht=3", "model.kwargs.depht is not an argument of vit_small"),
     ("method.name=simclr", "method"),
     ("optim", "not of the form section.key=value"),
@@ -47,3 +58,31 @@ def test_missing_and_malformed_files(tmp_path):
         config_module.load(tmp_path / "absent.yaml")
     with pytest.raises(VitrailError, match="not valid YAML"):
         config_module.load(_write(tmp_path, "method: [unclosed\n"))
+
+
+def _pretrain_in_a_fresh_process(*args):
+    # A fresh interpreter, to see whether the command got as far as starting Ray.
+    code = ("import sys; from vitrail.launch.cli import main; code = main(sys.argv[1:]); "
+            "ray = sys.modules.get('ray'); print('RAY-STARTED' if ray and ray.is_initialized() else 'NO-RAY'); sys.exit(code)")
+    return subprocess.run([sys.executable, "-c", code, "pretrain", *args], capture_output=True, text=True, timeout=120)
+
+
+def _impossible_runs():
+    yield "global batch", ["--workers", "2", "optim.batch_size=400"], (
+        "holds 640 samples, fewer than one global batch (400 per worker x 2 workers)")
+    workers = os.cpu_count()  # workers x 1 CPU + 1 for the view tasks: one CPU more than there is
+    yield "cpus", ["--workers", str(workers)], (
+        f"ray.workers={workers} x ray.cpus_per_worker=1 + 1 for the view tasks needs {workers + 1} CPUs "
+        f"but this machine has {workers}; lower ray.workers or ray.cpus_per_worker")
+    if not torch.cuda.is_available():
+        yield "gpus", ["--gpus-per-worker", "1"], "ray.gpus_per_worker=1 but this machine has no GPU visible to Ray"
+
+
+@pytest.mark.parametrize("args, message", [pytest.param(args, message, id=name) for name, args, message in _impossible_runs()])
+def test_impossible_runs_fail_before_ray_starts(fashion_shards, tmp_path, args, message):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config_tree(fashion_shards, tmp_path / "run")))
+    done = _pretrain_in_a_fresh_process(str(recipe), *args)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert "NO-RAY" in done.stdout

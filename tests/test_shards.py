@@ -101,3 +101,54 @@ def test_missing_folder_errors(tmp_path):
         shards.read_index(tmp_path / "nope")
     with pytest.raises(VitrailError, match="no class sub-folders"):
         shards.folder_samples(tmp_path)
+
+
+def _write_pngs(folder, count):
+    images, labels = load_fashion_mnist("test")
+    folder.mkdir(parents=True)
+    for number in range(count):
+        Image.fromarray(images[number]).save(folder / f"im{number}.png")
+    return labels[:count]
+
+
+def test_file_list_with_labels_relative_and_absolute_paths(tmp_path):
+    from vitrail.launch.cli import main
+
+    labels = _write_pngs(tmp_path / "pics", 6)
+    names = ["sandal" if label == 5 else f"class{label}" for label in labels]
+    lines = ["path,label"] + [f"pics/im{n}.png,{names[n]}" for n in range(5)] + [f"{tmp_path}/pics/im5.png,{names[5]}"]
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    assert main(["shard", "list", str(tmp_path / "list.csv"), str(tmp_path / "out"), "--shard-size", "4"]) == 0
+    index = shards.verify(tmp_path / "out")
+    assert index.classes == sorted(set(names)) and index.num_samples == 6 and len(index.shards) == 2
+    back = _read_back(tmp_path / "out")
+    for number, key in enumerate(sorted(back)):
+        assert "." not in key
+        assert back[key]["png"] == (tmp_path / "pics" / f"im{number}.png").read_bytes()
+        assert index.classes[int(back[key]["cls"])] == names[number]
+
+
+def test_file_list_integer_labels_tabs_and_no_labels(tmp_path):
+    _write_pngs(tmp_path / "pics", 3)
+    (tmp_path / "ints.tsv").write_text("pics/im0.png\t2\npics/im1.png\t0\n\n# a comment\npics/im2.png\t2\n")
+    samples, classes = shards.list_samples(tmp_path / "ints.tsv")
+    assert classes == ["0", "1", "2"] and [s.label for s in samples] == [2, 0, 2]
+    (tmp_path / "bare.txt").write_text("pics/im0.png\npics/im2.png\n")
+    samples, classes = shards.list_samples(tmp_path / "bare.txt")
+    assert classes == [] and [s.label for s in samples] == [-1, -1]
+    assert samples[1].load() == (tmp_path / "pics" / "im2.png").read_bytes()
+
+
+def test_file_list_errors_name_the_line(tmp_path):
+    _write_pngs(tmp_path / "pics", 2)
+    (tmp_path / "missing.txt").write_text("pics/im0.png\npics/im9.png\n")
+    with pytest.raises(VitrailError, match=r"missing.txt:2: image .*im9.png does not exist"):
+        shards.list_samples(tmp_path / "missing.txt")
+    (tmp_path / "mixed.txt").write_text("pics/im0.png,1\npics/im1.png\n")
+    with pytest.raises(VitrailError, match="mixed.txt:2: every line needs a label"):
+        shards.list_samples(tmp_path / "mixed.txt")
+    (tmp_path / "text.txt").write_text("notes.txt\n")
+    with pytest.raises(VitrailError, match="text.txt:1: 'notes.txt' is not an image"):
+        shards.list_samples(tmp_path / "text.txt")
+    with pytest.raises(VitrailError, match="cannot read file list"):
+        shards.list_samples(tmp_path / "nope.txt")

@@ -1,9 +1,13 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vitrail.errors import VitrailError
+from vitrail.eval import cache
 from vitrail.eval.knn import knn_classify, knn_classify_multi_k, knn_predict
+from vitrail.eval.knn_process import knn_in_subprocess
 
 TEMPERATURE = 0.07
 
@@ -89,3 +93,18 @@ def test_bad_inputs_name_the_problem():
         knn_classify(train_features, train_labels, nan_features, test_labels)
     with pytest.raises(VitrailError, match="non-negative integers"):
         knn_classify(train_features, train_labels.float(), test_features, test_labels)
+
+
+def test_search_in_a_spawned_process_equals_in_process(tmp_path):
+    train_features, train_labels, test_features, test_labels = clustered(3_000, 500, 32, 10, 6.0, seed=4)
+    folders = []
+    for name, features, labels in (("train", train_features, train_labels), ("test", test_features, test_labels)):
+        # Cached as a probe would store them: 16 extra columns in front of the k-NN features.
+        wide = torch.cat([torch.randn(len(features), 16), features], dim=1).numpy()
+        batches = [(wide[start:start + 1000], labels[start:start + 1000].numpy(), ["key"] * len(wide[start:start + 1000]))
+                   for start in range(0, len(wide), 1000)]
+        folders.append(cache.store(tmp_path / name, batches, len(wide), {}).folder)
+    ks = (10, 20, 100, 200)
+    accuracies, pid = knn_in_subprocess(*folders, slice(16, None), ks, num_threads=1)
+    assert pid != os.getpid()
+    assert accuracies == knn_classify_multi_k(train_features, train_labels, test_features, test_labels, ks=ks)

@@ -53,12 +53,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def queries_keys_values(self, x):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+        return qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.queries_keys_values(x)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+    def weights(self, x) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim)): (B, heads, N, N), spelled out since SDPA never returns it."""
+        q, k, _ = self.queries_keys_values(x)
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
 
 
 class Block(nn.Module):
@@ -175,6 +184,17 @@ class VisionTransformer(nn.Module):
             if index >= len(self.blocks) - n:
                 outputs.append(self.norm(x))
         return outputs
+
+    def intermediate_cls(self, x, n: int = 4) -> torch.Tensor:
+        """(B, n, D) final-normed CLS tokens of the last `n` blocks, oldest first (DINO's ViT-S linear probe: n=4)."""
+        return torch.stack([tokens[:, 0] for tokens in self.get_intermediate_layers(x, n)], dim=1)
+
+    def last_self_attention(self, x) -> torch.Tensor:
+        """The last block's attention weights (B, heads, 1+N, 1+N); row 0 is the CLS token's (DINO's maps)."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.blocks[-1].attn.weights(self.blocks[-1].norm1(x))
 
     def forward(self, x):
         cls = self.forward_features(x)["cls"]

@@ -1,33 +1,89 @@
-"""Frozen features of a backbone over a shard set, with the eval transform (no augmentation)."""
+"""Frozen features of a backbone over a shard set, with the eval transform (no augmentation).
+
+Feature modes, as DINO's evaluations take them (Caron et al. 2021, Sec. 4.1 and App. B;
+eval_knn.py / eval_linear.py):
+  cls          the backbone's forward features (a ViT's final-normed CLS token): k-NN always uses these
+  last4        the final-normed CLS tokens of a ViT's last 4 blocks (all, when fewer), concatenated (4 D): DINO's ViT-S probe
+  cls_avgpool  the last CLS token and the mean of the last patch tokens (2 D): DINO's ViT-B probe
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+from vitrail.errors import VitrailError
 from vitrail.pipelines.shards import ShardIndex
 from vitrail.pipelines.stream import local_batches
 from vitrail.pipelines.views import EvalTransform, normalize
 
+FEATURE_MODES = ("cls", "last4", "cls_avgpool")
+
+
+def default_probe_features(backbone: nn.Module) -> str:
+    """DINO's probe features: last4 for ViTs narrower than ViT-B (768), cls_avgpool from ViT-B up;
+    other backbones give their forward features (cls)."""
+    if not hasattr(backbone, "intermediate_cls"):
+        return "cls"
+    return "last4" if backbone.embed_dim < 768 else "cls_avgpool"
+
+
+def check_mode(backbone: nn.Module, mode: str, name: str = "this backbone") -> None:
+    if mode not in FEATURE_MODES:
+        raise VitrailError(f"unknown feature mode {mode!r}; expected one of {', '.join(FEATURE_MODES)}")
+    if mode == "last4" and not hasattr(backbone, "intermediate_cls"):
+        raise VitrailError(f"feature mode 'last4' needs a ViT (per-block CLS tokens); {name} has none: use cls or cls_avgpool")
+    if mode == "cls_avgpool" and not hasattr(backbone, "forward_features"):
+        raise VitrailError(f"feature mode 'cls_avgpool' needs a token model (patch tokens); {name} has none: use cls")
+
+
+def cls_columns(mode: str, embed_dim: int) -> slice:
+    """Where the final CLS token (the k-NN features) sits inside the features of `mode`."""
+    return {"cls": slice(None), "last4": slice(-embed_dim, None), "cls_avgpool": slice(0, embed_dim)}[mode]
+
+
+def frozen_features(backbone: nn.Module, images: torch.Tensor, mode: str = "cls") -> torch.Tensor:
+    """(B, F) features of one batch in `mode`."""
+    if mode == "last4":
+        return backbone.intermediate_cls(images, 4).flatten(1)  # (B, 4 D), last block's CLS last
+    if mode == "cls_avgpool":
+        tokens = backbone.forward_features(images)
+        return torch.cat([tokens["cls"], tokens["patches"].mean(dim=1)], dim=1)  # (B, 2 D)
+    return backbone(images)
+
 
 @torch.no_grad()
-def extract(backbone: nn.Module, index: ShardIndex, transform: EvalTransform, channels: int,
-            mean, std, batch_size: int = 256, device="cpu", limit: int | None = None, return_keys: bool = False):
-    """(features (N, D) float32, labels (N,) int64) in shard order, and the N sample keys after
-    them with `return_keys`; `limit` keeps the first N samples."""
+def feature_batches(backbone: nn.Module, index: ShardIndex, transform: EvalTransform, channels: int, mean, std,
+                    batch_size: int = 256, device="cpu", limit: int | None = None, mode: str = "cls"):
+    """(features (B, F) float32, labels (B,) int64, keys) numpy batches in shard order, the first `limit` samples."""
     backbone.eval().to(device)
-    features, labels, keys, seen = [], [], [], 0
+    autocast = torch.device(device).type == "cuda"
+    seen = 0
     for batch in local_batches(index, transform, seed=0, channels=channels, batch_size=batch_size,
                                shuffle=False, epochs=1, drop_last=False):
-        images = normalize(torch.as_tensor(batch["image"]).to(device), mean, std)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-            features.append(backbone(images).float().cpu())
-        labels.append(torch.as_tensor(batch["label"]))
-        keys.extend(batch["key"])
-        seen += len(images)
+        keep = len(batch["label"]) if limit is None else min(len(batch["label"]), limit - seen)
+        images = normalize(torch.as_tensor(batch["image"][:keep]).to(device), mean, std)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            features = frozen_features(backbone, images, mode).float().cpu().numpy()
+        yield features, np.asarray(batch["label"][:keep]), [str(key) for key in batch["key"][:keep]]
+        seen += keep
         if limit is not None and seen >= limit:
-            break
-    features, labels = torch.cat(features)[:limit], torch.cat(labels)[:limit]
-    if return_keys:
-        return features.numpy(), labels.numpy(), [str(key) for key in keys[:limit]]
-    return features.numpy(), labels.numpy()
+            return
+
+
+def extract(backbone: nn.Module, index: ShardIndex, transform: EvalTransform, channels: int,
+            mean, std, batch_size: int = 256, device="cpu", limit: int | None = None, return_keys: bool = False,
+            mode: str = "cls"):
+    """(features (N, F) float32, labels (N,) int64) in shard order, and the N sample keys after
+    them with `return_keys`; `limit` keeps the first N samples."""
+    features, labels, keys = [], [], []
+    for batch_features, batch_labels, batch_keys in feature_batches(backbone, index, transform, channels, mean, std,
+                                                                    batch_size, device, limit, mode):
+        features.append(batch_features)
+        labels.append(batch_labels)
+        keys.extend(batch_keys)
+    if not features:
+        raise VitrailError(f"no readable samples in {index.folder}")
+    features, labels = np.concatenate(features), np.concatenate(labels)
+    return (features, labels, keys) if return_keys else (features, labels)

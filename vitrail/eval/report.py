@@ -1,78 +1,127 @@
-"""Evaluate a run: frozen features of its eval backbone -> k-NN / linear probe -> results.json and tables."""
+"""Evaluate a checkpoint: cached frozen features -> k-NN / linear probe -> results.json and tables."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vitrail import ssl
 from vitrail.errors import VitrailError
-from vitrail.eval.features import extract
-from vitrail.eval.knn import knn_classify
+from vitrail.eval import cache
+from vitrail.eval.checkpoint import open_checkpoint, results_dir
+from vitrail.eval.distributed import ray_feature_batches
+from vitrail.eval.features import check_mode, cls_columns, default_probe_features, feature_batches
+from vitrail.eval.knn_process import knn_in_subprocess
 from vitrail.eval.linear import linear_probe
-from vitrail.launch import checkpoints
-from vitrail.launch.config import Config, from_dict
-from vitrail.pipelines.shards import read_index
+from vitrail.pipelines.shards import INDEX, ShardIndex, read_index
 from vitrail.pipelines.views import EvalTransform
 
-
-def load_run(path: str | Path, random_init: bool = False) -> tuple[Config, torch.nn.Module, int]:
-    """(config, eval backbone, step) of a run dir or one of its checkpoint files."""
-    state = checkpoints.load(path)
-    config = from_dict(state["config"], f"config stored in {path}")
-    method = ssl.build(config, steps_per_epoch=1, total_steps=1)
-    if not random_init:
-        method.load_state_dict(state["method"])
-    return config, method.backbone_for_eval(), 0 if random_init else int(state["step"])
+DINO_KS = (10, 20, 100, 200)  # DINO's eval_knn.py --nb_knn
 
 
-def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, k: int = 20,
+def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, ks=DINO_KS,
              temperature: float = 0.07, linear_epochs: int = 100, resize_size: int | None = None,
              crop_size: int | None = None, baselines: bool = False, limit: int | None = None,
-             device: str = "cpu", log=print) -> dict[str, list[dict]]:
-    """{protocol: rows} for "knn" and/or "linear"; features are extracted once per model and split.
+             device: str = "cpu", arch: str | None = None, patch_size: int | None = None,
+             probe_features: str | None = None, cache_dir=None, use_cache: bool = True, workers: int = 0,
+             faiss_threads: int | None = None, log=print) -> dict[str, list[dict]]:
+    """{protocol: rows} for "knn" and/or "linear"; one row per model (and per k for the k-NN).
 
-    With `baselines`, raw pixels and the randomly initialised backbone get rows beside the run's.
+    Features are extracted once per (model, shards, transform, feature mode) and cached under
+    `cache_dir` (default RUN_DIR/features); `workers` > 0 extracts over that many Ray tasks. The
+    k-NN reads the final CLS features, the probe `probe_features` (default: DINO's for the
+    backbone, see features.default_probe_features); with both, one extraction serves both. With
+    `baselines`, raw pixels and the seeded random init of the architecture get rows too.
     """
-    config, backbone, step = load_run(path)
-    train_index = read_index(train_shards or config.data.eval_train_shards or _missing("train"))
-    test_index = read_index(test_shards or config.data.eval_test_shards or _missing("test"))
-    # The size the backbone trained at: DINO/iBOT's global crops, the other methods' single crop.
-    crop_size = crop_size or getattr(config.method, "global_crop_size", None) or config.method.crop_size
+    checkpoint = open_checkpoint(path, arch, patch_size)
+    train_index = read_index(train_shards or checkpoint.eval_train_shards or _missing("train"))
+    test_index = read_index(test_shards or checkpoint.eval_test_shards or _missing("test"))
+    crop_size = crop_size or checkpoint.crop_size
     # DINO evaluates 224 centre crops of images resized to 256: the same 256/224 ratio by default.
     transform = EvalTransform(resize_size or round(crop_size * 256 / 224), crop_size)
-    models = [(f"pretrained (step {step})", backbone)]
+    models = [(checkpoint.name, checkpoint.backbone, checkpoint.identity())]
     if baselines:
-        models = [("raw pixels", torch.nn.Flatten()), ("random init", load_run(path, random_init=True)[1])] + models
+        models = [("raw pixels", torch.nn.Flatten(), {"raw": True}),
+                  ("random init", checkpoint.build_random(), {**checkpoint.identity(), "random_init_seed": 0})] + models
 
+    data = checkpoint.data
+    scratch = None if use_cache else tempfile.TemporaryDirectory(prefix="vitrail-features-")
+    cache_dir = Path(scratch.name if scratch else cache_dir or results_dir(path) / "features")
     results = {protocol: [] for protocol in protocols}
-    for name, model in models:
-        log(f"extracting {name} features ({train_index.folder}, {test_index.folder})")
-        train, test = (extract(model, index, transform, config.data.channels, config.data.mean, config.data.std,
-                               device=device, limit=limit) for index in (train_index, test_index))
-        row = {"features": name, "dim": train[0].shape[1], "samples_train": len(train[0]), "samples_test": len(test[0])}
-        if "knn" in results:
-            results["knn"].append({**row, **knn_classify(*train, *test, k=k, temperature=temperature),
-                                   "k": k, "temperature": temperature})
-        if "linear" in results:
-            # Raw pixels need standardising; backbone features go in as they are (DINO).
-            probe = linear_probe(*train, *test, epochs=linear_epochs, standardize=name == "raw pixels", device=device)
-            results["linear"].append({**row, **probe, "epochs": linear_epochs})
+    try:
+        for name, model, identity in models:
+            mode = "cls"
+            if "linear" in protocols and name != "raw pixels":
+                mode = probe_features or default_probe_features(model)
+                check_mode(model, mode, name)
+            split_features = []
+            for split, index in (("train", train_index), ("test", test_index)):
+                key = {"model": identity, "data": _index_digest(index), "transform": [transform.resize_size, crop_size],
+                       "channels": data.channels, "mean": data.mean, "std": data.std, "mode": mode, "limit": limit}
+                folder = cache.entry(cache_dir, f"{_slug(name)}-{split}", key)
+                found = cache.load(folder) if use_cache else None
+                if found is not None:
+                    log(f"{name}: {split} features cached in {folder}")
+                else:
+                    log(f"extracting {name} {split} features ({index.folder}, mode {mode}"
+                        f"{f', {workers} Ray workers' if workers else ''})")
+                    found = cache.store(folder, _batches(model, index, transform, data, mode, limit, workers, device),
+                                        _capacity(index, limit), key)
+                split_features.append(found)
+            train, test = split_features
+            row = {"features": name, "samples_train": len(train.labels), "samples_test": len(test.labels)}
+            if "knn" in results:
+                columns = cls_columns(mode, getattr(model, "embed_dim", train.features.shape[1]))
+                accuracies, _ = knn_in_subprocess(train.folder, test.folder, columns, ks, temperature,
+                                                  num_threads=faiss_threads)
+                dim = train.features[:1, columns].shape[1]
+                results["knn"] += [{**row, "dim": dim, "k": k, "temperature": temperature, **accuracies[k]} for k in ks]
+            if "linear" in results:
+                # Raw pixels need standardising; backbone features go in as they are (DINO).
+                probe = linear_probe(np.array(train.features), train.labels, np.array(test.features), test.labels,
+                                     epochs=linear_epochs, standardize=name == "raw pixels", device=device)
+                results["linear"].append({**row, "dim": train.features.shape[1], "probe_features": mode, **probe,
+                                          "epochs": linear_epochs})
+    finally:
+        if scratch:
+            scratch.cleanup()
     return results
 
 
+def _batches(model, index: ShardIndex, transform, data, mode, limit, workers, device):
+    if workers:
+        return ray_feature_batches(model, index, transform, data.channels, data.mean, data.std, workers,
+                                   limit=limit, mode=mode)
+    return feature_batches(model, index, transform, data.channels, data.mean, data.std, device=device,
+                           limit=limit, mode=mode)
+
+
+def _capacity(index: ShardIndex, limit: int | None) -> int:
+    return index.num_samples if limit is None else min(index.num_samples, limit)
+
+
+def _index_digest(index: ShardIndex) -> str:
+    # index.json lists every shard's sample count and sha256: equal digests, equal data.
+    return hashlib.sha256((index.folder / INDEX).read_bytes()).hexdigest()
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def _missing(split: str):
-    raise VitrailError(f"no {split} shards to evaluate on: pass --{split}-shards or set data.eval_{split}_shards in the config")
+    raise VitrailError(f"no {split} shards to evaluate on: pass --data, or --{split}-shards, or set "
+                       f"data.eval_{split}_shards in the run's config")
 
 
-def write_results(run_dir: str | Path, results: dict[str, list[dict]]) -> Path:
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        run_dir = run_dir.parent.parent  # RUN_DIR/checkpoints/step-N.pt
-    path = run_dir / "results.json"
+def write_results(path: str | Path, results: dict[str, list[dict]]) -> Path:
+    """Merge `results` into results.json of the checkpoint's run dir (or the released file's folder)."""
+    path = results_dir(path) / "results.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
     stored.update(results)
     path.write_text(json.dumps(stored, indent=1, default=_jsonable) + "\n")

@@ -17,6 +17,9 @@ def _shard(args) -> None:
     elif args.source == "folder":
         samples, classes = shards.folder_samples(args.src)
         shards.write_shards(samples[: args.limit], classes, args.out, args.shard_size, args.workers)
+    elif args.source == "list":
+        samples, classes = shards.list_samples(args.src)
+        shards.write_shards(samples[: args.limit], classes, args.out, args.shard_size, args.workers)
     elif args.source == "verify":
         index = shards.verify(args.out)
         print(f"{index.folder}: {len(index.shards)} shards, {index.num_samples} samples, every sha256 matches")
@@ -43,14 +46,26 @@ def _pretrain(args) -> None:
 def _eval(args) -> None:
     from vitrail.eval.report import evaluate, table, write_results
 
+    if (args.path is None) == (args.checkpoint is None):
+        raise VitrailError("name the checkpoint once: `vitrail eval PROTOCOL RUN_DIR|FILE` or --checkpoint RUN_DIR|FILE")
+    checkpoint = args.checkpoint or args.path
+    train_shards, test_shards = args.train_shards, args.test_shards
+    if args.data is not None:
+        if train_shards or test_shards:
+            raise VitrailError("pass either --data (a folder holding train/ and test/) or --train-shards/--test-shards")
+        train_shards, test_shards = str(Path(args.data) / "train"), str(Path(args.data) / "test")
     protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
-    results = evaluate(args.checkpoint, protocols, args.train_shards, args.test_shards, k=args.k,
-                       temperature=args.temperature, linear_epochs=args.epochs, resize_size=args.resize_size,
-                       crop_size=args.crop_size, baselines=args.baselines, limit=args.limit, device=args.device)
-    path = write_results(args.checkpoint, results)
-    titles = {"knn": f"weighted k-NN (k={args.k}, T={args.temperature})", "linear": f"linear probe ({args.epochs} epochs)"}
+    results = evaluate(checkpoint, protocols, train_shards, test_shards, ks=args.k, temperature=args.temperature,
+                       linear_epochs=args.epochs, resize_size=args.resize_size, crop_size=args.crop_size,
+                       baselines=args.baselines, limit=args.limit, device=args.device, arch=args.arch,
+                       patch_size=args.patch_size, probe_features=args.probe_features, cache_dir=args.cache_dir,
+                       use_cache=not args.no_cache, workers=args.workers, faiss_threads=args.faiss_threads)
+    path = write_results(checkpoint, results)
+    titles = {"knn": f"weighted k-NN (k={','.join(map(str, args.k))}, T={args.temperature})",
+              "linear": f"linear probe ({args.epochs} epochs)"}
+    columns = {"knn": ("features", "dim", "k", "top1", "top5"), "linear": ("features", "probe_features", "dim", "top1", "top5")}
     for protocol, rows in results.items():
-        print(f"\n{titles[protocol]}, top-1 / top-5 in %:\n\n{table(rows)}")
+        print(f"\n{titles[protocol]}, top-1 / top-5 in %:\n\n{table(rows, columns[protocol])}")
     print(f"\nwritten to {path}")
 
 
@@ -61,8 +76,9 @@ def _cluster(args) -> None:
         address = submit.cluster_up(args.num_cpus, args.dashboard_port)
         print(f"Ray head on 127.0.0.1; dashboard and Jobs API at {address}\nsubmit with: vitrail submit CONFIG --address {address}")
     else:
-        submit.cluster_down()
-        print("Ray stopped")
+        stopped = submit.cluster_down(args.dashboard_port)
+        print(f"stopped the Ray head node of port {args.dashboard_port} ({stopped} processes)" if stopped
+              else f"no vitrail cluster with its dashboard on port {args.dashboard_port} was running")
 
 
 def _submit(args) -> None:
@@ -104,6 +120,13 @@ def _dashboard(args) -> None:
         pass
 
 
+def _report(args) -> None:
+    from vitrail.launch.run_report import report
+
+    table, written = report(args.run_dirs, args.out)
+    print(f"{table}\n\nwritten: {', '.join(str(path) for path in written)}")
+
+
 def _backbones(args) -> None:
     from vitrail import backbones
 
@@ -123,10 +146,14 @@ def parser() -> argparse.ArgumentParser:
                                 "Re-running on a complete folder does nothing; a partial one is finished.")
     sources = shard.add_subparsers(dest="source", required=True, metavar="SOURCE")
     for name, text in (("fashion-mnist", "Fashion-MNIST's idx files to OUT/train and OUT/test"),
-                       ("folder", "an image folder with one sub-folder per class to OUT")):
+                       ("folder", "an image folder with one sub-folder per class to OUT"),
+                       ("list", "the images a file list names to OUT")):
         sub = sources.add_parser(name, help=text, description=text)
         if name == "folder":
             sub.add_argument("src", help="folder of class sub-folders holding images (jpg, png, webp, bmp, ppm)")
+        elif name == "list":
+            sub.add_argument("src", help="text or CSV file, one `path` or `path<TAB or comma>label` per line; "
+                             "relative paths are resolved against the file's folder")
         else:
             sub.add_argument("--root", default=None, help="folder holding the idx files (default: $VITRAIL_DATA, "
                              "then /usr/share/datasets/fashion-mnist)")
@@ -164,11 +191,24 @@ def parser() -> argparse.ArgumentParser:
     }
     for protocol, (summary, text) in texts.items():
         sub = protocols.add_parser(protocol, help=summary, description=f"{text} Prints top-1/top-5 and writes "
-                                   "results.json in the run dir.")
-        sub.add_argument("checkpoint", help="run dir (its last checkpoint) or a checkpoint file")
+                                   "results.json in the run dir (beside a released checkpoint file). Features are "
+                                   "extracted once and cached, memory-mapped, in RUN_DIR/features.")
+        sub.add_argument("path", nargs="?", default=None, help="run dir (its last checkpoint) or a checkpoint file (or use --checkpoint)")
+        sub.add_argument("--checkpoint", default=None, help="run dir, vitrail checkpoint file, or DINO / iBOT released weights (with --arch)")
+        sub.add_argument("--data", default=None, help="shard folder holding train/ and test/ shard sets (e.g. from `vitrail shard fashion-mnist`)")
         sub.add_argument("--train-shards", default=None, help="shards of the k-NN bank / probe training set (default: data.eval_train_shards)")
         sub.add_argument("--test-shards", default=None, help="shards to classify (default: data.eval_test_shards)")
-        sub.add_argument("--k", type=int, default=20, help="k-NN neighbours (default 20)")
+        sub.add_argument("--arch", default=None, help="backbone of a released checkpoint, e.g. vit_small (vitrail runs store theirs)")
+        sub.add_argument("--patch-size", type=int, default=None, help="ViT patch size of a released checkpoint (default: read from its weights)")
+        sub.add_argument("--probe-features", choices=["cls", "last4", "cls_avgpool"], default=None,
+                         help="linear-probe features: last CLS, CLS of the last 4 blocks, or CLS + mean patch token "
+                         "(default, DINO's: last4 for ViTs below 768 wide, cls_avgpool from ViT-B up, cls otherwise)")
+        sub.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="k-NN neighbours, all from one search "
+                         "(default 10 20 100 200, DINO's)")
+        sub.add_argument("--faiss-threads", type=int, default=None, help="FAISS search threads (default: every core this process may use)")
+        sub.add_argument("--cache-dir", default=None, help="feature cache folder (default RUN_DIR/features)")
+        sub.add_argument("--no-cache", action="store_true", help="extract features afresh and keep none on disk")
+        sub.add_argument("--workers", type=int, default=0, help="extract over N Ray tasks on a local 127.0.0.1 cluster (default 0: in this process)")
         sub.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature T (default 0.07)")
         sub.add_argument("--epochs", type=int, default=100, help="linear-probe epochs (default 100, DINO's)")
         sub.add_argument("--resize-size", type=int, default=None, help="short side before the centre crop (default crop*256/224)")
@@ -181,9 +221,10 @@ def parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser("cluster", help="start or stop a local Ray head node",
                                   description="Start (up) or stop (down) a Ray head node on this machine, bound to 127.0.0.1, "
                                   "to try `vitrail submit` without a cluster.")
-    cluster.add_argument("action", choices=["up", "down"], help="up: start the head node; down: stop Ray on this machine")
+    cluster.add_argument("action", choices=["up", "down"], help="up: start the head node; down: stop that head node "
+                         "(only it: other Ray clusters on the machine keep running)")
     cluster.add_argument("--num-cpus", type=int, default=None, help="CPUs the node offers (default: all)")
-    cluster.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and Jobs API port (default 8265)")
+    cluster.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and Jobs API port, which also names the cluster for down (default 8265)")
     cluster.set_defaults(run=_cluster)
 
     from vitrail.launch.submit import LOCAL_ADDRESS
@@ -210,6 +251,15 @@ def parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--port", type=int, default=6006, help="port on 127.0.0.1 (default 6006)")
     dashboard.set_defaults(run=_dashboard)
 
+    compare = commands.add_parser("report", help="compare runs: a markdown table and loss / k-NN plots",
+                                  description="Compare RUN_DIRs: method, backbone, steps, final loss, last online k-NN, "
+                                  "and `vitrail eval` results, as a markdown table (printed and written to OUT/report.md) "
+                                  "with OUT/loss.png and OUT/knn.png (metric against step, one line per run). Curves come "
+                                  "from metrics.jsonl, or from the run's wandb files where it is missing.")
+    compare.add_argument("run_dirs", nargs="+", help="run directories")
+    compare.add_argument("--out", default="report", help="folder for report.md and the plots (default ./report)")
+    compare.set_defaults(run=_report)
+
     listing = commands.add_parser("backbones", help="list the registered backbones with parameter counts",
                                   description="List the registered backbones with their feature width and parameter count.")
     listing.set_defaults(run=_backbones)
@@ -217,7 +267,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    root = parser()
+    args, extra = root.parse_known_args(argv)
+    # argparse stops filling `overrides` at the first option, so `pretrain CONFIG --workers 2 optim.lr=0.001`
+    # leaves the override over: it joins the others.
+    if extra and hasattr(args, "overrides") and not any(item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        root.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
     except VitrailError as error:

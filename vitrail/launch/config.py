@@ -25,7 +25,8 @@ class RunSection(Section):
     dir: str = "runs/default"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: bf16 autocast on CUDA, fp32 on CPU.
+    # auto: bf16 autocast on CUDA, fp32 on CPU. bf16 on a CPU pays off only where it has bf16
+    # matrix units (AMX, AVX512-BF16): 1.4x per iBOT demo step on this project's Xeon.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
@@ -56,6 +57,9 @@ class ModelSection(Section):
     # backbones without stochastic depth, such as ResNet).
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
     kwargs: dict = Field(default_factory=dict, description="extra keyword arguments of the backbone")
+    # BatchNorm statistics over the global batch of all workers, as DINO's main_dino.py (SyncBatchNorm
+    # in student and teacher) and BYOL's cross-replica BN do; no effect on one worker or without BN.
+    sync_batchnorm: bool = True
 
     @model_validator(mode="after")
     def _known_backbone_and_kwargs(self):
@@ -92,6 +96,29 @@ class RaySection(Section):
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
 
 
+class EvalSection(Section):
+    """Monitoring on rank 0 while pretraining (vitrail/eval/online.py)."""
+
+    knn_every: int = Field(0, ge=0, description="steps between online k-NN evaluations (and one at the end); 0 disables")
+    # Decoded once and held as uint8 eval crops: samples x channels x crop^2 bytes of memory. One
+    # evaluation forwards 6,000 images, about the cost of 6 demo training steps (batch 64, 6 crops):
+    # under 10% of training at knn_every >= 100 (benchmarks/online_knn.py).
+    knn_train_samples: int = Field(5000, ge=1, description="first samples of data.eval_train_shards in the k-NN bank")
+    knn_test_samples: int = Field(1000, ge=1, description="first samples of data.eval_test_shards classified")
+    # DINO's weighted k-NN (Sec. 4.1): k = 20, T = 0.07.
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0)
+    images: bool = Field(True, description="log view grids at the first logged step and attention maps")
+    attention_every: int = Field(0, ge=0, description="steps between attention maps; 0: at each k-NN evaluation")
+    attention_images: int = Field(4, ge=1, description="fixed eval images whose attention maps are drawn")
+
+    @model_validator(mode="after")
+    def _k_fits_the_bank(self):
+        if self.k > self.knn_train_samples:
+            raise ValueError(f"eval.k ({self.k}) exceeds eval.knn_train_samples ({self.knn_train_samples})")
+        return self
+
+
 class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -99,6 +126,13 @@ class Config(Section):
     method: MethodConfig
     optim: OptimSection = Field(default_factory=OptimSection)
     ray: RaySection = Field(default_factory=RaySection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _online_knn_has_shards(self):
+        if self.eval.knn_every and not (self.data.eval_train_shards and self.data.eval_test_shards):
+            raise ValueError("eval.knn_every needs data.eval_train_shards and data.eval_test_shards")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

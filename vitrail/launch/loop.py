@@ -18,7 +18,8 @@ from torch import nn
 from vitrail import ssl
 from vitrail.errors import VitrailError
 from vitrail.eval.features import extract
-from vitrail.launch import checkpoints
+from vitrail.eval.online import OnlineMonitor
+from vitrail.launch import checkpoints, sync_batchnorm
 from vitrail.launch.config import Config
 from vitrail.pipelines.shards import ShardIndex, read_index
 from vitrail.ssl.schedules import cosine
@@ -77,10 +78,14 @@ class Trainer:
         self.schedule = Schedule.of(config, num_samples, world_size)
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
         self.method = ssl.build(config, self.schedule.steps_per_epoch, self.schedule.total_steps).to(self.device)
+        if world_size > 1 and config.model.sync_batchnorm:
+            # Student and EMA teacher alike: both normalise by batch statistics in training mode.
+            self.method = sync_batchnorm.convert(self.method, self.device)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.method))
         self.step = 0
         self.views = config.method.views()
-        self.autocast = self.device.type == "cuda" and config.run.precision in ("auto", "bf16")
+        precision = config.run.precision
+        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -154,13 +159,18 @@ class Trainer:
         return logged
 
     def fit(self, batches: Iterable[dict], report=None, progress: bool = True) -> None:
-        """Train until `schedule.stop_step` or the data ends; `report(metrics, step)` on log steps."""
+        """Train until `schedule.stop_step` or the data ends; `report(metrics, step)` on log steps, and
+        `report(metrics, step, images=...)` from the online monitor (k-NN, view grids, attention)."""
         run = self.config.run
         model = self.method
         if self.world_size > 1:
             # Unused parameters exist by design (e.g. DINO's last layer during its first epoch).
+            # DDP's default buffer sync (broadcast_buffers, forward_sync_buffers in torch 2.14) is kept on
+            # purpose: buffers (BN running statistics, centres) go from rank 0 to all at every forward,
+            # so with sync_batchnorm off no rank's BN statistics drift on its own batches alone.
             model = nn.parallel.DistributedDataParallel(self.method, find_unused_parameters=True)
         bar = _progress(self.schedule.stop_step, self.step, enabled=progress and self.rank == 0)
+        monitor = OnlineMonitor(self.config, self.device, report, self.schedule.stop_step) if report is not None and self.rank == 0 else None
         images, skipped, started = 0, 0, time.perf_counter()
         iterator: Iterator[dict] = iter(batches)
         while self.step < self.schedule.stop_step:
@@ -180,6 +190,9 @@ class Trainer:
                 if report is not None and self.rank == 0:
                     report(metrics, self.step)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.1f}")
+            if monitor is not None:
+                # Watching is not training: its time stays out of images_per_second.
+                started += monitor.after_step(self.method, batch, self.step)
             bar.update(1)
             if self.step % run.checkpoint_every == 0:
                 self.save_checkpoint()

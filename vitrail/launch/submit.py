@@ -8,12 +8,18 @@ environment, never from the submitter's config or logs.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
+from contextlib import suppress
 from pathlib import Path
+
+import psutil
 
 import vitrail
 from vitrail.errors import VitrailError
@@ -27,25 +33,99 @@ def _ray_command(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("ray")), *args]
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cluster_dir(dashboard_port: int) -> Path:
+    """The head node's own Ray temp dir (sessions, logs, sockets) and the state `cluster down` reads;
+    the dashboard port names the cluster, as it is the one port a user must know."""
+    return Path(tempfile.gettempdir()) / f"vitrail-cluster-{dashboard_port}"
+
+
+def _state_file(dashboard_port: int) -> Path:
+    return cluster_dir(dashboard_port) / "vitrail-cluster.json"
+
+
+def _recorded_processes(dashboard_port: int) -> list:
+    """The head's processes recorded at `cluster up` that still run (a reused pid has another start time)."""
+    path = _state_file(dashboard_port)
+    if not path.exists():
+        return []
+    alive = []
+    for pid, started in json.loads(path.read_text())["processes"]:
+        with suppress(psutil.NoSuchProcess):
+            process = psutil.Process(pid)
+            if process.create_time() == started:
+                alive.append(process)
+    return alive
+
+
 def cluster_up(num_cpus: int | None = None, dashboard_port: int = 8265) -> str:
-    """Start a Ray head node on 127.0.0.1 (dashboard and Jobs API on 127.0.0.1); returns its Jobs address."""
+    """Start a Ray head node on 127.0.0.1 (dashboard and Jobs API on 127.0.0.1); returns its Jobs address.
+
+    The node gets its own temp dir and free ports (not Ray's fixed 6379, 10001 and 52365), so it runs beside
+    any other Ray cluster on the machine, and its processes are recorded for `cluster_down`.
+    """
+    if _recorded_processes(dashboard_port):
+        raise VitrailError(f"a vitrail cluster already runs with its dashboard on port {dashboard_port}; "
+                           f"stop it with `vitrail cluster down --dashboard-port {dashboard_port}`")
+    folder = cluster_dir(dashboard_port)
+    folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **LOOPBACK_ENV}
     command = _ray_command("start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                            f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus or os.cpu_count()}",
+                           f"--temp-dir={folder}", "--port=0", f"--ray-client-server-port={_free_port()}",
+                           f"--dashboard-agent-listen-port={_free_port()}",
                            "--disable-usage-stats")
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise VitrailError(f"`{shlex.join(command)}` failed:\n{done.stdout}{done.stderr}")
+    gcs_address = (folder / "ray_current_cluster").read_text().strip()
+    # Every head process names this node's temp dir or GCS address on its command line (whole: the
+    # temp dir of port 84 is a prefix of port 8400's); workers, agents and job drivers started later
+    # are their descendants.
+    ours = re.compile(rf"({re.escape(str(folder))}(?![^/\s])|{re.escape(gcs_address)}(?!\d))")
+    own = [[process.pid, process.info["create_time"]] for process in psutil.process_iter(["cmdline", "create_time"])
+           if ours.search(" ".join(process.info["cmdline"] or ()))]
+    _state_file(dashboard_port).write_text(json.dumps({"gcs_address": gcs_address, "processes": own}))
     return f"http://127.0.0.1:{dashboard_port}"
 
 
-def cluster_down() -> None:
-    subprocess.run(_ray_command("stop"), capture_output=True, text=True, check=False)
+def cluster_down(dashboard_port: int = 8265, grace_seconds: float = 10) -> int:
+    """Stop the head node `cluster_up` started on `dashboard_port`, and only it: its recorded
+    processes and their descendants (workers, job drivers), never another Ray cluster the way a
+    bare `ray stop` would. Returns how many processes were stopped."""
+    heads = _recorded_processes(dashboard_port)
+    processes = {process.pid: process for process in heads}
+    for head in heads:
+        with suppress(psutil.NoSuchProcess):
+            processes.update({child.pid: child for child in head.children(recursive=True)})
+    for process in processes.values():
+        with suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, stubborn = psutil.wait_procs(list(processes.values()), timeout=grace_seconds)
+    for process in stubborn:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(stubborn, timeout=grace_seconds)
+    _state_file(dashboard_port).unlink(missing_ok=True)
+    return len(processes)
 
 
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray from before token authentication
+        pass
+    else:
+        # `ray start` turns token auth on when ~/.ray/auth_token exists, but a Jobs client sends the
+        # token only in token mode: do what `ray.init` does for a driver and use it when there is one.
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
         return JobSubmissionClient(address)
     except Exception as error:  # connection errors come in several types
@@ -59,16 +139,18 @@ def submit(config: Config, address: str = LOCAL_ADDRESS, evaluate: bool = True) 
     for field in ("shards", "eval_train_shards", "eval_test_shards"):
         if getattr(config.data, field):
             setattr(config.data, field, str(Path(getattr(config.data, field)).resolve()))
-    staging = Path(tempfile.mkdtemp(prefix="vitrail-job-"))
-    (staging / "config.yaml").write_text(config.to_yaml())
     python = "python -m vitrail.launch.cli"
     entrypoint = f"{python} pretrain config.yaml --address auto"
     if evaluate and config.data.eval_train_shards and config.data.eval_test_shards:
         entrypoint += f" && {python} eval knn {shlex.quote(config.run.dir)} --baselines"
     on_this_machine = any(host in address for host in ("127.0.0.1", "localhost"))
     env_vars = {**(LOOPBACK_ENV if on_this_machine else {}), "PYTHONUNBUFFERED": "1"}
-    runtime_env = {"working_dir": str(staging), "py_modules": [str(Path(vitrail.__file__).parent)], "env_vars": env_vars}
-    return _client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    client = _client(address)
+    # The working dir is uploaded at submission, so the local copy is needed only until then.
+    with tempfile.TemporaryDirectory(prefix="vitrail-job-") as staging:
+        (Path(staging) / "config.yaml").write_text(config.to_yaml())
+        runtime_env = {"working_dir": staging, "py_modules": [str(Path(vitrail.__file__).parent)], "env_vars": env_vars}
+        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
 
 
 def list_jobs(address: str = LOCAL_ADDRESS) -> list[dict]:

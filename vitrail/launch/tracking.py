@@ -1,16 +1,24 @@
 """Where metrics go: always `metrics.jsonl` in the run dir, plus wandb, TensorBoard or nothing.
+Images go to `images/<name>_step<N>.png` in the run dir and to the same backend.
 
 wandb runs offline unless WANDB_API_KEY is set (no network call then), keeps its files in
 the run dir, and reuses the run id stored there so a resumed run continues the same curve.
+`read_offline_history` reads the history back from wandb's own run files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import struct
 import sys
+import zlib
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from vitrail.errors import VitrailError
 
@@ -28,14 +36,38 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
             self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._metrics.flush()
+    def log(self, metrics: dict[str, float], step: int, images: dict[str, np.ndarray] | None = None) -> None:
+        """Scalars (one metrics.jsonl row unless empty) and `images` {name: uint8 (H, W, 3)} at `step`."""
+        if metrics:
+            self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._metrics.flush()
+            if self._wandb is not None:
+                self._wandb.log(metrics, step=step)
+            if self._tensorboard is not None:
+                for key, value in metrics.items():
+                    self._tensorboard.add_scalar(key, value, step)
+        for name, image in (images or {}).items():
+            self.log_image(name, image, step)
+
+    def log_image(self, name: str, image: np.ndarray, step: int) -> Path:
+        """Write `image` (uint8 (H, W, 3), (H, W, 1) or (H, W)) as images/<name>_step<N>.png and log it."""
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise VitrailError(f"image {name!r} must be uint8 (H, W) or (H, W, C), got {image.dtype} {image.shape}")
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        path = self.run_dir / "images" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}_step{step}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(path)
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            import wandb
+            self._wandb.log({name: wandb.Image(image)}, step=step)
         if self._tensorboard is not None:
-            for key, value in metrics.items():
-                self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.add_image(name, image, step, dataformats="HWC")
+            self._tensorboard.flush()
+        return path
 
     def close(self) -> str | None:
         """Flush and close; returns the `wandb sync` command for an offline run."""
@@ -46,6 +78,10 @@ class Tracker:
             offline = self._wandb.settings.mode == "offline"
             directory = self._wandb.dir
             self._wandb.finish()
+            # finish() can return before wandb-core has flushed the run file (wandb 0.31): stopping
+            # the service waits for that, so the files are whole once close() returns.
+            import wandb
+            wandb.teardown()
             if offline:
                 return f"wandb sync {Path(directory).parent}"
         return None
@@ -72,3 +108,71 @@ def dashboard_command(run_dirs: list[str | Path], port: int = 6006) -> list[str]
         specs.append(f"{Path(run_dir).resolve().name}:{events.resolve()}")
     return [sys.executable, "-m", "tensorboard.main", "--logdir_spec", ",".join(specs),
             "--host", "127.0.0.1", "--port", str(port)]
+
+
+# A wandb run file (`run-<id>.wandb`) is a leveldb-style log (leveldb's doc/log_format.md): a
+# 7-byte header (":W&B", magic, version), then 32 KiB blocks of records, each a 7-byte header
+# (crc32 of the type byte and data, length, type) and its data. A record too long for its block
+# goes in FIRST, MIDDLE... LAST fragments; a block tail shorter than a header is padding. Every
+# whole record is one of wandb's own protobuf `Record` messages.
+_BLOCK_BYTES = 32768
+_FILE_HEADER = struct.Struct("<4sHB")
+_RECORD_HEADER = struct.Struct("<IHB")
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: str | Path) -> list:
+    """The `wandb_internal_pb2.Record` messages of one run file, in order. A torn last record (a
+    killed run) ends the list; a checksum mismatch is an error naming the file and offset."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if len(data) < _FILE_HEADER.size or _FILE_HEADER.unpack_from(data)[0] != b":W&B":
+        raise VitrailError(f"{path} is not a wandb run file (no ':W&B' header)")
+    records, fragments, position = [], [], _FILE_HEADER.size
+    while position + _RECORD_HEADER.size <= len(data):
+        block_left = _BLOCK_BYTES - position % _BLOCK_BYTES
+        if block_left < _RECORD_HEADER.size:
+            position += block_left
+            continue
+        checksum, length, kind = _RECORD_HEADER.unpack_from(data, position)
+        start = position + _RECORD_HEADER.size
+        if kind == 0 or start + length > len(data):
+            break
+        payload = data[start:start + length]
+        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != checksum:
+            raise VitrailError(f"{path}: record at byte {position} fails its checksum; the file is damaged")
+        position = start + length
+        if kind in (_FULL, _FIRST):
+            fragments = []
+        fragments.append(payload)
+        if kind in (_FULL, _LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(fragments))
+            records.append(record)
+    return records
+
+
+def read_offline_history(run_dir: str | Path) -> list[dict]:
+    """The history the run in `run_dir` logged to wandb, read from wandb's run files (a resumed
+    run's one per start, oldest first): one {"step": N, key: value} per wandb history row,
+    without wandb's own `_step`/`_runtime`/`_timestamp`; images come back as wandb's metadata dicts."""
+    files = sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb"), key=lambda path: path.parent.name.split("run-", 1)[1])
+    if not files:
+        raise VitrailError(f"{run_dir} holds no wandb run files (wandb/*run-*/run-*.wandb)")
+    rows = []
+    for path in files:
+        for record in wandb_records(path):
+            if record.WhichOneof("record_type") != "history":
+                continue
+            row = {"step": record.history.step.num}
+            for item in record.history.item:
+                keys = list(item.nested_key) or [item.key]
+                if keys[0].startswith("_"):
+                    continue
+                node = row
+                for key in keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[keys[-1]] = json.loads(item.value_json)
+            rows.append(row)
+    return rows

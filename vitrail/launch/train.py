@@ -15,10 +15,10 @@ import torch
 
 from vitrail.errors import VitrailError
 from vitrail.launch.config import Config, RaySection, from_dict
-from vitrail.launch.loop import Trainer, first_epoch, start_run
+from vitrail.launch.loop import Schedule, Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker
 from vitrail.pipelines.shards import read_index
-from vitrail.pipelines.stream import ray_dataset
+from vitrail.pipelines.stream import ingest_options, ray_dataset
 
 # Single-machine runs stay on loopback: Ray's single-machine mode (else Ray swaps 127.0.0.1 for the
 # outward address; read when `ray` is first imported), and torch.distributed's own store and sockets.
@@ -78,19 +78,42 @@ def _view_dataset(config_tree: dict, workers: int):
     index = read_index(config.data.shards)
     start_epoch = first_epoch(config, index.num_samples, workers)
     return ray_dataset(index, config.method.views(), config.run.seed, config.data.channels,
-                       range(start_epoch, config.optim.epochs))
+                       range(start_epoch, config.optim.epochs), object_store_mb=config.ray.object_store_mb)
+
+
+def check_resources(settings: RaySection, available: dict, where: str) -> None:
+    """Fail with the numbers when the workers cannot all be placed: Ray would wait for them forever."""
+    # Ray Data's view tasks take 1 CPU each (map_batches' default) beside the workers' reservations.
+    needs = {"CPU": settings.workers * settings.cpus_per_worker + 1, "GPU": settings.workers * settings.gpus_per_worker}
+    for resource, key in (("CPU", "cpus_per_worker"), ("GPU", "gpus_per_worker")):
+        has = available.get(resource, 0)
+        if needs[resource] <= has:
+            continue
+        if resource == "GPU" and not has:
+            raise VitrailError(f"ray.gpus_per_worker={settings.gpus_per_worker:g} but {where} has no GPU visible to Ray; "
+                               "set ray.gpus_per_worker=0 (drop --gpus-per-worker)")
+        view_task = " + 1 for the view tasks" if resource == "CPU" else ""
+        raise VitrailError(f"ray.workers={settings.workers} x ray.{key}={getattr(settings, key):g}{view_task} needs "
+                           f"{needs[resource]:g} {resource}s but {where} has {has:g}; lower ray.workers or ray.{key}")
 
 
 def pretrain(config: Config, dashboard: bool = True) -> Path:
     """Run the pretraining in `config` on Ray; returns the run dir."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if config.ray.workers < 1:
         raise VitrailError("ray.workers must be at least 1 for a Ray run; use --local for one process")
     index = start_run(config)
-    init_ray(config.ray, dashboard)
     workers = config.ray.workers
+    Schedule.of(config, index.num_samples, workers)  # a global batch larger than the data fails here, not in a worker
+    if not config.ray.address:
+        check_resources(config.ray, {"CPU": os.cpu_count(), "GPU": torch.cuda.device_count()}, "this machine")
+    init_ray(config.ray, dashboard)
+    if config.ray.address:
+        import ray
+
+        check_resources(config.ray, ray.cluster_resources(), f"the cluster at {config.ray.address}")
     resources = {"CPU": config.ray.cpus_per_worker}
     if config.ray.gpus_per_worker:
         resources["GPU"] = config.ray.gpus_per_worker
@@ -104,6 +127,8 @@ def pretrain(config: Config, dashboard: bool = True) -> Path:
         run_config=RunConfig(name="ray", storage_path=str(run_dir), failure_config=FailureConfig(max_failures=config.ray.max_failures),
                              worker_runtime_env=None if config.ray.address else {"env_vars": dict(LOOPBACK_ENV)}),
         datasets={"train": partial(_view_dataset, tree, workers)},
+        # Ray Train replaces the dataset's execution options with these: they carry the backpressure budget.
+        dataset_config=DataConfig(execution_options=ingest_options(config.ray.object_store_mb)),
     )
     trainer.fit()
     return run_dir

@@ -189,6 +189,60 @@ def folder_samples(source: str | os.PathLike) -> tuple[list[Sample], list[str]]:
     return samples, classes
 
 
+def _parse_list_line(line: str) -> tuple[str, str | None]:
+    if "\t" in line:
+        path, _, label = line.partition("\t")
+    elif "," in line:
+        path, _, label = line.rpartition(",")
+    else:
+        path, label = line, None
+    return path.strip(), (label.strip() if label is not None else None)
+
+
+def list_samples(listing: str | os.PathLike) -> tuple[list[Sample], list[str]]:
+    """A file list, one `path` or `path<TAB or comma>label` per line, as samples in list order.
+
+    Relative paths are resolved against the list's folder. Labels are class names (classes
+    sorted by name) or, when all are integers, class indices; a list without labels gives
+    label -1 and no classes. Blank lines, `#` comments and a `path[,label]` header are skipped.
+    """
+    listing = Path(listing)
+    try:
+        lines = listing.read_text().splitlines()
+    except OSError as error:
+        raise VitrailError(f"cannot read file list {listing}: {error}") from None
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        path, label = _parse_list_line(line)
+        if not entries and path.lower() == "path" and label in (None, "label"):
+            continue
+        where = f"{listing}:{number}"
+        resolved = Path(path) if Path(path).is_absolute() else listing.parent / path
+        if resolved.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise VitrailError(f"{where}: {path!r} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        if not resolved.is_file():
+            raise VitrailError(f"{where}: image {resolved} does not exist")
+        if entries and (label is None) != (entries[0][2] is None):
+            raise VitrailError(f"{where}: every line needs a label or none does (line {entries[0][0]} differs)")
+        entries.append((number, resolved, label))
+    if not entries:
+        raise VitrailError(f"file list {listing} names no image")
+    labels = [label for _, _, label in entries]
+    if labels[0] is None:
+        classes, index = [], {}
+    elif all(label.isdigit() for label in labels):
+        classes = [str(value) for value in range(max(int(label) for label in labels) + 1)]
+        index = {label: int(label) for label in labels}
+    else:
+        classes = sorted(set(labels))
+        index = {name: position for position, name in enumerate(classes)}
+    samples = [Sample(f"l{position:09d}", IMAGE_EXTENSIONS[path.suffix.lower()], index.get(label, -1), partial(Path.read_bytes, path))
+               for position, (_, path, label) in enumerate(entries)]
+    return samples, classes
+
+
 def encode_png(image) -> bytes:
     from PIL import Image
     buffer = io.BytesIO()

@@ -19,143 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def sample_generator(seed: int, epoch: int, key: str) -> torch.Generator:
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-
-
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
-
-
-def random_resized_crop_box(height, width, scale, ratio, generator) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box (top, left, h, w): 10 tries, then a centre crop."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * _uniform(generator, *scale)
-        aspect = math.exp(_uniform(generator, *log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (), generator=generator))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def crop_resize(image: torch.Tensor, box, size: int) -> torch.Tensor:
-    """Crop (C, H, W) uint8 to `box` and resize to (C, size, size) float, bicubic as DINO."""
-    top, left, h, w = box
-    crop = image[None, :, top:top + h, left:left + w].float()
-    return F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
-
-
-def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma of (B, C, H, W), kept (B, 1, H, W); a 1-channel image is its own luma."""
-    if x.shape[1] == 1:
-        return x
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-
-
-def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue of RGB (B, 3, H, W) in [0, 1] by `shift` (B,) turns, through HSV."""
-    maxc, argmax = x.max(dim=1)
-    minc = x.min(dim=1).values
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    r, g, b = x.unbind(1)
-    hue = torch.where(argmax == 0, (g - b) / safe, torch.where(argmax == 1, 2 + (b - r) / safe, 4 + (r - g) / safe))
-    hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
-    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
-    saturation = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    # HSV -> RGB with the closed form f(n) = V - V S max(0, min(k, 4 - k, 1)), k = (n + 6H) mod 6.
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(n + hue * 6.0, 6.0)
-        channels.append(maxc - maxc * saturation * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
-    return torch.stack(channels, dim=1)
-
-
-def color_jitter(x, brightness, contrast, saturation, hue, generator_rows):
-    """ColorJitter on (B, C, H, W) floats in [0, 255] with per-sample factors.
-
-    torchvision applies the four ops in a random order per image; we apply them in the
-    fixed order brightness, contrast, saturation, hue, which keeps the op batched.
-    """
-    batch = x.shape[0]
-    def factors(strength):
-        return torch.tensor([_uniform(g, max(0.0, 1 - strength), 1 + strength) for g in generator_rows]).view(batch, 1, 1, 1)
-    x = (x * factors(brightness)).clamp(0, 255)
-    mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = (mean + (x - mean) * factors(contrast)).clamp(0, 255)
-    if x.shape[1] == 3:
-        gray = _grayscale(x)
-        x = (gray + (x - gray) * factors(saturation)).clamp(0, 255)
-        shifts = torch.tensor([_uniform(g, -hue, hue) for g in generator_rows])
-        x = _shift_hue(x / 255.0, shifts) * 255.0
-    return x
-
-
-def gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor, max_sigma: float) -> torch.Tensor:
-    """Blur each image of (B, C, H, W) with its own sigma (B,), separable, reflect-padded.
-
-    PIL's GaussianBlur(radius=sigma), as DINO uses, is a Gaussian of std `sigma`. The kernel
-    spans 3 `max_sigma` whatever the batch holds, so a view does not depend on its batch.
-    """
-    batch, channels, height, width = x.shape
-    radius = max(1, min(int(math.ceil(3 * max_sigma)), min(height, width) - 1))
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / sigmas.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (B*C, K)
-    flat = x.reshape(1, batch * channels, height, width)
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.view(-1, 1, 2 * radius + 1, 1), groups=batch * channels)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel.view(-1, 1, 1, 2 * radius + 1), groups=batch * channels)
-    return flat.view(batch, channels, height, width)
-
-
-@dataclass(frozen=True)
-class Augment:
-    """One crop family's augmentation (DINO Sec. 3 / App., BYOL App. B)."""
-
-    size: int
-    scale: tuple[float, float]
-    blur_prob: float
-    solarize_prob: float = 0.0
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    grayscale_prob: float = 0.2
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-
-    def __call__(self, images: list[torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
-        """uint8 (C, H, W) images -> augmented views (B, C, size, size) uint8."""
-        x = torch.stack([
-            crop_resize(image, random_resized_crop_box(image.shape[1], image.shape[2], self.scale, self.ratio, g), self.size)
-            for image, g in zip(images, generators)
-        ]).clamp_(0, 255)
-
-        def chosen(prob):
-            return torch.tensor([_uniform(g, 0, 1) < prob for g in generators]).view(-1, 1, 1, 1)
-
-        x = torch.where(chosen(self.flip_prob), x.flip(-1), x)
-        x = torch.where(chosen(self.jitter_prob), color_jitter(x, *self.jitter, generators), x)
-        x = torch.where(chosen(self.grayscale_prob), _grayscale(x).expand_as(x), x)
-        if self.blur_prob > 0:
-            sigmas = torch.tensor([_uniform(g, *self.blur_sigma) for g in generators], dtype=x.dtype)
-            x = torch.where(chosen(self.blur_prob), gaussian_blur(x, sigmas, self.blur_sigma[1]), x)
-        if self.solarize_prob > 0:
-            x = torch.where(chosen(self.solarize_prob) & (x >= 128), 255 - x, x)
-        return x.round_().to(torch.uint8)
+from vitrail.pipelines.augment import Augment, _uniform, channels_last, render, sample_generator
 
 
 @dataclass(frozen=True)
@@ -181,11 +45,19 @@ class MultiCrop:
         }
 
     def __call__(self, images, keys, seed: int, epoch: int) -> dict[str, np.ndarray]:
-        generators = [sample_generator(seed, epoch, key) for key in keys]
+        families = {column: augments for column, augments in self.families().items() if augments}
+        crops = {column: ([], []) for column in families}  # column -> (images, params), sample-major
+        for image, key in zip(images, keys):
+            generator = sample_generator(seed, epoch, key)
+            image = channels_last(image)  # once per image, for the 2 + N resizes below
+            for column, augments in families.items():
+                for augment in augments:
+                    crops[column][0].append(image)
+                    crops[column][1].append(augment.draw(generator, image.shape[1], image.shape[2]))
         columns = {}
-        for column, augments in self.families().items():
-            if augments:
-                columns[column] = torch.stack([augment(images, generators) for augment in augments], dim=1).numpy()
+        for column, augments in families.items():
+            views = render(*crops[column], augments[0].size)  # (B * n, C, S, S)
+            columns[column] = views.view(len(images), len(augments), *views.shape[1:]).numpy()
         return columns
 
     def to_device(self, batch: dict, device, mean, std) -> list[torch.Tensor]:

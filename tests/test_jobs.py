@@ -1,0 +1,79 @@
+"""`vitrail cluster up`, `submit` and `jobs` end to end, on a real head node's Jobs API."""
+
+import json
+import re
+import shutil
+import time
+
+import psutil
+import pytest
+import yaml
+
+from vitrail.launch import checkpoints, submit
+from vitrail.launch.cli import main
+
+from conftest import tiny_config_tree
+
+
+def _printed(capsys, *argv) -> str:
+    assert main(list(argv)) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+@pytest.fixture
+def head_node(capsys):
+    """A `vitrail cluster up` head node on a free, non-default dashboard port; `cluster down` after."""
+    port = submit._free_port()
+    printed = _printed(capsys, "cluster", "up", "--num-cpus", "2", "--dashboard-port", str(port))
+    address = f"http://127.0.0.1:{port}"
+    assert address in printed
+    try:
+        yield port, address
+    finally:
+        main(["cluster", "down", "--dashboard-port", str(port)])
+        shutil.rmtree(submit.cluster_dir(port), ignore_errors=True)
+
+
+def _wait_for_end(capsys, job_id, address, timeout=150) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _printed(capsys, "jobs", "status", job_id, "--address", address).strip()
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still running after {timeout} s")
+
+
+def test_submitted_job_trains_evaluates_and_cluster_down_stops_only_its_node(
+        ray_cluster, head_node, fashion_shards, tmp_path, capsys):
+    port, address = head_node
+    run_dir = tmp_path / "run"
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config_tree(fashion_shards, run_dir, optim={"max_steps": 4})))
+
+    printed = _printed(capsys, "submit", str(recipe), "run.log_every=1", "--address", address)
+    job_id = re.search(r"submitted job (\S+)", printed).group(1)
+    assert f"run dir: {run_dir}" in printed
+    state = _wait_for_end(capsys, job_id, address)
+    logs = _printed(capsys, "jobs", "logs", job_id, "--address", address)
+    assert state == "SUCCEEDED", logs
+    # The job pretrained, then ran the k-NN eval on the config's eval shards, with baselines.
+    assert f"run dir: {run_dir}" in logs and "weighted k-NN (k=20, T=0.07)" in logs and "| raw pixels | 784 |" in logs
+    assert re.search(rf"^{re.escape(job_id)}\s+SUCCEEDED\s+python -m vitrail.launch.cli pretrain",
+                     _printed(capsys, "jobs", "list", "--address", address), re.MULTILINE)
+
+    # Its results are in the run dir the config names, not in the job's scratch working dir.
+    assert checkpoints.latest_step(run_dir) == 4
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    knn = json.loads((run_dir / "results.json").read_text())["knn"]
+    assert [row["features"] for row in knn] == ["raw pixels", "random init", "pretrained (step 4)"]
+
+    head = submit._recorded_processes(port)
+    assert head and all(process.is_running() for process in head)
+    assert "stopped the Ray head node" in _printed(capsys, "cluster", "down", "--dashboard-port", str(port))
+    assert not any(process.is_running() and process.status() != psutil.STATUS_ZOMBIE for process in head)
+    assert not submit._state_file(port).exists()
+    assert "was running" in _printed(capsys, "cluster", "down", "--dashboard-port", str(port))
+    # The other Ray cluster on this machine (this test process's) did not go down with it.
+    assert ray_cluster.get(ray_cluster.remote(lambda: 41 + 1).remote()) == 42

@@ -1,0 +1,166 @@
+"""The backbone to evaluate, from a vitrail run or from a checkpoint in DINO's / iBOT's released formats.
+
+A vitrail checkpoint stores its config, so it rebuilds itself. Any other file is read as DINO's
+`load_pretrained_weights` reads one (DINO utils.py; iBOT keeps the same function):
+  - a plain backbone state dict (dino_deitsmall16_pretrain.pth): `cls_token`, `pos_embed`,
+    `patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, ..., `norm.weight`;
+  - DINO's training checkpoint: {"teacher": {"module.backbone.<key>" or "backbone.<key>"}, "student", ...};
+    the teacher is evaluated, DINO's default checkpoint key;
+  - iBOT's released backbones (checkpoint_teacher.pth): {"state_dict": {<key>: ...}}.
+`module.` and `backbone.` prefixes are stripped; projection heads (`head.*`) and mask embeddings
+are dropped. Such files carry no architecture, so `--arch` names it; the ViT patch size, input
+channels and position grid are read from the weights (`--patch-size`, when given, is checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vitrail import backbones, ssl
+from vitrail.errors import VitrailError
+from vitrail.launch import checkpoints
+from vitrail.launch.config import DataSection, from_dict
+
+_WRAPPER_KEYS = ("teacher", "state_dict")  # DINO's training checkpoint, iBOT's released backbones
+_PREFIXES = ("module.", "backbone.")
+# Weights a pretraining checkpoint holds beside the backbone's: projection heads, iBOT's mask embedding.
+_NOT_BACKBONE = ("head.", "masked_embed", "mask_token")
+RELEASED_CROP = 224  # DINO evaluates 224 centre crops (of images resized to 256)
+
+
+@dataclass
+class Checkpoint:
+    file: Path
+    step: int | None  # None for released weights
+    data: DataSection  # channels and normalisation the backbone expects
+    crop_size: int  # the size it trained at
+    eval_train_shards: str | None
+    eval_test_shards: str | None
+    backbone: nn.Module
+    build_random: Callable[[], nn.Module]  # the same architecture, seeded random init (a baseline)
+
+    @property
+    def name(self) -> str:
+        return f"pretrained (step {self.step})" if self.step is not None else f"pretrained ({self.file.name})"
+
+    def identity(self) -> dict:
+        """What the features depend on: the file as it is now (path, size, mtime) and its step."""
+        stat = self.file.stat()
+        return {"file": str(self.file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "step": self.step}
+
+
+def open_checkpoint(path: str | os.PathLike, arch: str | None = None, patch_size: int | None = None) -> Checkpoint:
+    """A run dir (its latest checkpoint), a vitrail checkpoint file, or released DINO / iBOT weights."""
+    path = Path(path)
+    file = path
+    if path.is_dir():
+        found = checkpoints.list_checkpoints(path)
+        file = found[-1] if found else path  # checkpoints.load names the empty folder
+    # DINO's training checkpoints store their argparse.Namespace; allow only that beyond tensors.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = checkpoints.load(file)
+    if isinstance(state, dict) and "config" in state and "method" in state:
+        return _vitrail_checkpoint(Path(file), state)
+    return _released_checkpoint(Path(file), state, arch, patch_size)
+
+
+def results_dir(path: str | os.PathLike) -> Path:
+    """Where a checkpoint's results.json and feature cache go: its run dir, else the file's folder."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def _seeded(build):
+    # The random-init baseline is the same network every run, so its features can be cached.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def _vitrail_checkpoint(file: Path, state: dict) -> Checkpoint:
+    config = from_dict(state["config"], f"config stored in {file}")
+
+    def build():
+        return ssl.build(config, steps_per_epoch=1, total_steps=1)
+
+    method = build()
+    method.load_state_dict(state["method"])
+    # The size the backbone trained at: DINO/iBOT's global crops, the other methods' single crop.
+    crop_size = getattr(config.method, "global_crop_size", None) or config.method.crop_size
+    return Checkpoint(file, int(state["step"]), config.data, crop_size, config.data.eval_train_shards,
+                      config.data.eval_test_shards, method.backbone_for_eval(),
+                      lambda: _seeded(build).backbone_for_eval())
+
+
+def _released_checkpoint(file: Path, state, arch: str | None, patch_size: int | None) -> Checkpoint:
+    if arch is None:
+        raise VitrailError(f"{file} is not a vitrail run checkpoint (it stores no config), so its architecture must be "
+                           f"named: pass --arch (one of {', '.join(backbones.names())}) and, for a ViT, --patch-size "
+                           "(e.g. --arch vit_small --patch-size 16 for dino_deitsmall16_pretrain.pth)")
+    if arch not in backbones.names():
+        raise VitrailError(f"unknown --arch {arch!r}; known backbones: {', '.join(backbones.names())}")
+    weights = backbone_weights(state, file)
+    kwargs = _vit_geometry(weights, file, patch_size) if "patch_size" in backbones.arguments(arch) else {}
+
+    def build():
+        return backbones.create(arch, **kwargs)
+
+    backbone = build()
+    _load_strict(backbone, weights, file, arch)
+    channels = kwargs.get("in_chans", 3)
+    if channels != 3:
+        raise VitrailError(f"{file} takes {channels}-channel input; released weights are evaluated with DINO's RGB "
+                           "ImageNet normalisation, so only 3-channel backbones are supported")
+    return Checkpoint(file, None, DataSection(), RELEASED_CROP, None, None, backbone, lambda: _seeded(build))
+
+
+def backbone_weights(state, file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a released checkpoint under the backbone's own key names."""
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    weights = {}
+    for name, value in state.items() if isinstance(state, dict) else ():
+        if isinstance(value, torch.Tensor):
+            for prefix in _PREFIXES:
+                name = name.removeprefix(prefix)
+            weights[name] = value
+    if not weights:
+        raise VitrailError(f"{file} holds no backbone weights: expected a state dict, or one under "
+                           f"{' or '.join(repr(key) for key in _WRAPPER_KEYS)}")
+    return weights
+
+
+def _vit_geometry(weights: dict, file: Path, patch_size: int | None) -> dict:
+    if "patch_embed.proj.weight" not in weights or "pos_embed" not in weights:
+        raise VitrailError(f"{file} has no 'patch_embed.proj.weight' / 'pos_embed': not a ViT state dict")
+    embed_dim, channels, stored_patch, _ = weights["patch_embed.proj.weight"].shape  # (D, C, p, p)
+    if patch_size is not None and patch_size != stored_patch:
+        raise VitrailError(f"--patch-size {patch_size} does not match {file}, whose patch embedding is "
+                           f"{stored_patch}x{stored_patch}")
+    grid = math.isqrt(weights["pos_embed"].shape[1] - 1)
+    return {"patch_size": stored_patch, "in_chans": channels, "img_size": grid * stored_patch}
+
+
+def _load_strict(backbone: nn.Module, weights: dict, file: Path, arch: str) -> None:
+    expected = backbone.state_dict()
+    missing = [key for key in expected if key not in weights]
+    mismatched = [f"{key} {tuple(weights[key].shape)} (expected {tuple(value.shape)})"
+                  for key, value in expected.items() if key in weights and weights[key].shape != value.shape]
+    unexpected = [key for key in weights if key not in expected and not key.startswith(_NOT_BACKBONE)]
+    problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
+                for label, keys in (("missing", missing), ("wrong shape", mismatched), ("unexpected", unexpected)) if keys]
+    if problems:
+        raise VitrailError(f"{file} does not hold {arch} weights; " + "; ".join(problems))
+    backbone.load_state_dict({key: weights[key] for key in expected})
