@@ -30,7 +30,7 @@ LOG_EVERY = 10
 
 def images_per_second(run_dir: Path, warmup_steps: int) -> float:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [row["images_per_second"] for row in rows if row["step"] > warmup_steps]
+    rates = [row["images_per_second"] for row in rows if row["step"] > warmup_steps and "images_per_second" in row]
     if not rates:
         raise SystemExit(f"no metrics row after step {warmup_steps} in {run_dir}: raise --steps")
     # Each row covers LOG_EVERY steps of the same global batch: total images / total time.
@@ -52,7 +52,7 @@ def main():
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as run_dir:
             config = load(args.config, [
-                *args.overrides, f"run.dir={run_dir}", "run.tracking=none", f"run.log_every={LOG_EVERY}",
+                *args.overrides, f"run.dir={run_dir}", "run.tracking=none", f"run.log_every={LOG_EVERY}", "eval.images=false",
                 f"run.checkpoint_every={args.warmup_steps + args.steps}", f"optim.max_steps={args.warmup_steps + args.steps}",
                 f"ray.workers={workers}", f"ray.cpus_per_worker={(cores - 1) / workers}",
                 f"ray.torch_threads={max(1, cores // workers)}", f"ray.gpus_per_worker={args.gpus_per_worker}",

@@ -58,7 +58,7 @@ def test_submitted_job_trains_evaluates_and_cluster_down_stops_only_its_node(
     logs = _printed(capsys, "jobs", "logs", job_id, "--address", address)
     assert state == "SUCCEEDED", logs
     # The job pretrained, then ran the k-NN eval on the config's eval shards, with baselines.
-    assert f"run dir: {run_dir}" in logs and "weighted k-NN (k=20, T=0.07)" in logs and "| raw pixels | 784 |" in logs
+    assert f"run dir: {run_dir}" in logs and "weighted k-NN (k=" in logs and "| raw pixels | 784 |" in logs
     assert re.search(rf"^{re.escape(job_id)}\s+SUCCEEDED\s+python -m vitrail.launch.cli pretrain",
                      _printed(capsys, "jobs", "list", "--address", address), re.MULTILINE)
 

@@ -77,6 +77,12 @@ def test_online_knn_without_eval_shards_is_a_config_error(fashion_shards, tmp_pa
     tree["eval"] = {"knn_train_samples": 10, "k": 20}
     with pytest.raises(VitrailError, match=r"eval.k \(20\) exceeds eval.knn_train_samples \(10\)"):
         from_dict(tree)
+    # Shards that are not there stop the run before its first step, not at the first k-NN.
+    tree = tiny_config_tree(fashion_shards, tmp_path / "run", data={"eval_test_shards": str(tmp_path / "absent")})
+    tree["eval"] = dict(ONLINE)
+    with pytest.raises(VitrailError, match=str(tmp_path / "absent")):
+        pretrain(from_dict(tree), progress=False)
+    assert not checkpoints.list_checkpoints(tmp_path / "run")
 
 
 def test_last_self_attention_is_the_softmax_sdpa_applies():

@@ -1,6 +1,9 @@
 import io
 import json
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +155,16 @@ def test_file_list_errors_name_the_line(tmp_path):
         shards.list_samples(tmp_path / "text.txt")
     with pytest.raises(VitrailError, match="cannot read file list"):
         shards.list_samples(tmp_path / "nope.txt")
+
+
+def test_folder_sharded_twice_is_byte_identical_and_a_killed_run_resumes(tmp_path):
+    # The benchmark's own checks at a test's size: real PNG files, the real command in a
+    # subprocess, SIGKILL once its first shard is recorded, then the same command again.
+    script = Path(__file__).parents[1] / "benchmarks" / "shard_folder.py"
+    done = subprocess.run([sys.executable, str(script), "--images", "3000", "--shard-size", "20", "--workers", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["shards"] == 150 and summary["identical"] and summary["resumed_identical"]
+    assert summary["index_identical"] and summary["duplicates"] == 0
+    assert 1 <= summary["kept_after_kill"] < 150

@@ -104,7 +104,7 @@ def test_wandb_reader_rejects_damaged_files_by_name(tmp_path):
     tracker = Tracker(tmp_path, "wandb", config={}, name="damaged")
     tracker.log({"loss": 0.5}, step=1)
     tracker.close()
-    run_file = next(tmp_path.glob("wandb/*/run-*.wandb"))
+    run_file = next(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     data = bytearray(run_file.read_bytes())
     data[20] ^= 0xFF
     run_file.write_bytes(bytes(data))

@@ -2,7 +2,10 @@ import numpy as np
 import torch
 
 from vitrail.pipelines.datasets import load_fashion_mnist
-from vitrail.pipelines.views import Augment, EvalTransform, MultiCrop, gaussian_blur, normalize, sample_generator
+from torchvision.transforms.functional import adjust_hue
+
+from vitrail.pipelines.augment import color_jitter_, gaussian_blur_, shift_hue_
+from vitrail.pipelines.views import Augment, EvalTransform, MultiCrop, normalize, sample_generator
 
 
 def _images(count, channels=1):
@@ -56,14 +59,36 @@ def test_solarize_and_flip_probabilities_follow_the_recipe():
 
 
 def test_gaussian_blur_keeps_mass_and_matches_sigma():
-    impulse = torch.zeros(2, 1, 21, 21)
-    impulse[:, :, 10, 10] = 1.0
-    blurred = gaussian_blur(impulse, torch.tensor([0.5, 2.0]), max_sigma=2.0)
-    assert torch.allclose(blurred.sum(dim=(1, 2, 3)), torch.ones(2), atol=1e-5)
-    for row, sigma in enumerate([0.5, 2.0]):
-        profile = blurred[row, 0, 10]
-        variance = (profile / profile.sum() * (torch.arange(21) - 10.0) ** 2).sum()
-        assert abs(variance.sqrt().item() - sigma) < 0.05 * sigma + 0.02
+    for size in (21, 150):  # 150 px spans several bands of the banded product
+        for sigma in (0.5, 2.0):
+            impulse = torch.zeros(1, size, size)
+            impulse[0, 70 % size, 10] = 1.0
+            blurred = gaussian_blur_(impulse, sigma)
+            assert abs(blurred.sum().item() - 1.0) < 1e-5
+            profile = blurred[0, 70 % size]
+            variance = (profile / profile.sum() * (torch.arange(size) - 10.0) ** 2).sum()
+            assert abs(variance.sqrt().item() - sigma) < 0.05 * sigma + 0.02
+    # Reflect padding: a constant image stays constant, edges included.
+    flat = torch.full((3, 150, 150), 77.0)
+    assert torch.allclose(gaussian_blur_(flat, 2.0), torch.full((3, 150, 150), 77.0), atol=1e-3)
+
+
+def test_hue_shift_matches_torchvision_and_jitter_identity_is_identity():
+    images = torch.from_numpy(np.stack([np.asarray(_photo(seed)) for seed in range(3)])).permute(0, 3, 1, 2).float()
+    for shift in (-0.1, -0.04, 0.03, 0.1):
+        ours = shift_hue_(images.clone(), torch.full((3,), shift)).round()
+        reference = adjust_hue(images.to(torch.uint8), shift).float()
+        assert (ours - reference).abs().max() <= 1
+    same = color_jitter_(images.clone(), torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 3)).round()
+    assert torch.equal(same, images)
+
+
+def _photo(seed):
+    """A colourful 40 x 40 RGB image: smooth gradients plus noise, every hue present."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:40, 0:40]
+    image = np.stack([x * 6, y * 6, (x + y) * 3], axis=-1) + rng.integers(0, 40, (40, 40, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def test_eval_transform_resizes_short_side_and_centre_crops():

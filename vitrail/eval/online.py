@@ -18,7 +18,7 @@ from torch import nn
 
 from vitrail.eval.images import attention_grid, cls_attention_maps, view_grid
 from vitrail.eval.knn import knn_classify
-from vitrail.pipelines.shards import read_index
+from vitrail.pipelines.shards import ShardIndex, read_index
 from vitrail.pipelines.stream import local_batches
 from vitrail.pipelines.views import EvalTransform, normalize
 
@@ -33,10 +33,10 @@ def eval_transform(config) -> EvalTransform:
     return EvalTransform(round(crop * 256 / 224), crop)
 
 
-def decoded_subset(shards: str, transform: EvalTransform, channels: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decoded_subset(index: ShardIndex, transform: EvalTransform, channels: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `limit` samples of a shard set, eval-cropped: uint8 (N, C, S, S) and labels (N,)."""
     images, labels, seen = [], [], 0
-    for batch in local_batches(read_index(shards), transform, seed=0, channels=channels, batch_size=256,
+    for batch in local_batches(index, transform, seed=0, channels=channels, batch_size=256,
                                shuffle=False, epochs=1, drop_last=False):
         images.append(torch.from_numpy(batch["image"]))
         labels.append(torch.from_numpy(batch["label"]))
@@ -77,6 +77,11 @@ class OnlineMonitor:
         self.settings = config.eval
         self.transform = eval_transform(config)
         self.views = config.method.views()
+        data = config.data
+        # Read now, so that missing eval shards stop the run before its first step, not at the first k-NN.
+        self._knn_indexes = None
+        if self.settings.knn_every:
+            self._knn_indexes = read_index(data.eval_train_shards), read_index(data.eval_test_shards)
         self._bank = self._queries = self._attention_images = None
         self._views_logged = self._attention_skipped = False
 
@@ -112,8 +117,9 @@ class OnlineMonitor:
     def knn(self, backbone: nn.Module) -> dict[str, float]:
         settings, data = self.settings, self.config.data
         if self._bank is None:
-            self._bank = decoded_subset(data.eval_train_shards, self.transform, data.channels, settings.knn_train_samples)
-            self._queries = decoded_subset(data.eval_test_shards, self.transform, data.channels, settings.knn_test_samples)
+            bank, queries = self._knn_indexes
+            self._bank = decoded_subset(bank, self.transform, data.channels, settings.knn_train_samples)
+            self._queries = decoded_subset(queries, self.transform, data.channels, settings.knn_test_samples)
         train, test = (features_of(backbone, images, data.mean, data.std, self.device) for images, _ in (self._bank, self._queries))
         accuracy = knn_classify(train, self._bank[1], test, self._queries[1], k=settings.k, temperature=settings.temperature)
         return {"knn/top1": accuracy["top1"], "knn/top5": accuracy["top5"]}
@@ -127,8 +133,8 @@ class OnlineMonitor:
     def attention_grid(self, backbone: nn.Module):
         data = self.config.data
         if self._attention_images is None:
-            self._attention_images = decoded_subset(data.eval_test_shards or data.shards, self.transform, data.channels,
-                                                    self.settings.attention_images)[0]
+            index = read_index(data.eval_test_shards or data.shards)
+            self._attention_images = decoded_subset(index, self.transform, data.channels, self.settings.attention_images)[0]
         images = self._attention_images
         attention = backbone.last_self_attention(normalize(images.to(self.device), data.mean, data.std))
         grid = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)

@@ -207,13 +207,18 @@ def _progress(total: int, initial: int, enabled: bool):
                 mininterval=2.0, dynamic_ncols=True)
 
 
-def start_run(config: Config) -> ShardIndex:
-    """Check the shards and record the config in the run dir; returns the shard index.
-
-    Paths become absolute first, since Ray workers do not share the driver's working directory.
-    """
+def absolute_paths(config: Config) -> None:
+    """Make the run dir and shard paths absolute, from this process's working directory: Ray
+    workers and Ray Jobs run elsewhere."""
     config.run.dir = str(Path(config.run.dir).resolve())
-    config.data.shards = str(Path(config.data.shards).resolve())
+    for field in ("shards", "eval_train_shards", "eval_test_shards"):
+        if getattr(config.data, field):
+            setattr(config.data, field, str(Path(getattr(config.data, field)).resolve()))
+
+
+def start_run(config: Config) -> ShardIndex:
+    """Check the shards and record the config (paths made absolute) in the run dir; returns the shard index."""
+    absolute_paths(config)
     index = read_index(config.data.shards)
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import psutil
 import vitrail
 from vitrail.errors import VitrailError
 from vitrail.launch.config import Config
+from vitrail.launch.loop import absolute_paths
 from vitrail.launch.train import LOOPBACK_ENV
 
 LOCAL_ADDRESS = "http://127.0.0.1:8265"
@@ -134,11 +135,7 @@ def _client(address: str):
 
 def submit(config: Config, address: str = LOCAL_ADDRESS, evaluate: bool = True) -> str:
     """Submit `config` as a Ray Job that pretrains (then runs the k-NN eval when eval shards are set)."""
-    # The job runs in a scratch working dir: every path it is given must be absolute.
-    config.run.dir = str(Path(config.run.dir).resolve())
-    for field in ("shards", "eval_train_shards", "eval_test_shards"):
-        if getattr(config.data, field):
-            setattr(config.data, field, str(Path(getattr(config.data, field)).resolve()))
+    absolute_paths(config)  # the job runs in a scratch working dir
     python = "python -m vitrail.launch.cli"
     entrypoint = f"{python} pretrain config.yaml --address auto"
     if evaluate and config.data.eval_train_shards and config.data.eval_test_shards:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitrail.pipelines.augment import Augment, _uniform, channels_last, render, sample_generator
+from vitrail.pipelines.augment import Augment, _uniform, channels_last, render, sample_generator, uniform_stream
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,14 @@ class MultiCrop:
     def __call__(self, images, keys, seed: int, epoch: int) -> dict[str, np.ndarray]:
         families = {column: augments for column, augments in self.families().items() if augments}
         crops = {column: ([], []) for column in families}  # column -> (images, params), sample-major
+        crops_per_sample = sum(len(augments) for augments in families.values())
         for image, key in zip(images, keys):
-            generator = sample_generator(seed, epoch, key)
+            uniforms = uniform_stream(sample_generator(seed, epoch, key), crops_per_sample)
             image = channels_last(image)  # once per image, for the 2 + N resizes below
             for column, augments in families.items():
                 for augment in augments:
                     crops[column][0].append(image)
-                    crops[column][1].append(augment.draw(generator, image.shape[1], image.shape[2]))
+                    crops[column][1].append(augment.draw(uniforms, image.shape[1], image.shape[2]))
         columns = {}
         for column, augments in families.items():
             views = render(*crops[column], augments[0].size)  # (B * n, C, S, S)
