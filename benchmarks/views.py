@@ -126,9 +126,13 @@ def vitrail_rate(samples: list[dict], batch_size: int = 64) -> float:
 
 
 def ray_rate(index: shards.ShardIndex, cpus: int) -> float:
+    import logging
+
     import ray
 
     from vitrail.launch.train import LOOPBACK_ENV
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per execution otherwise
 
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)

@@ -37,7 +37,7 @@ def tiny_config_tree(shards, run_dir, **sections) -> dict:
         "ray": {"cpus_per_worker": 1},
     }
     for section, values in sections.items():
-        tree[section].update(values)
+        tree.setdefault(section, {}).update(values)
     return tree
 
 

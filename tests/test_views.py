@@ -103,3 +103,12 @@ def test_normalize():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     out = normalize(x, [0.5, 0.5, 0.5], [0.5, 0.25, 0.5])
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([1.0, 2.0, 1.0]))
+
+
+def test_grayscale_crops_are_the_luma_of_the_crop():
+    image = torch.from_numpy(_photo(0)).permute(2, 0, 1).contiguous()
+    gray = Augment(size=40, scale=(1.0, 1.0), ratio=(1.0, 1.0), blur_prob=0.0, jitter_prob=0.0, flip_prob=0.0,
+                   grayscale_prob=1.0)([image] * 3, [sample_generator(0, 0, str(i)) for i in range(3)])
+    luma = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]).round()
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+    assert (gray[:, 0].float() - luma).abs().max() <= 1

@@ -95,9 +95,7 @@ def _vitrail_checkpoint(file: Path, state: dict) -> Checkpoint:
 
     method = build()
     method.load_state_dict(state["method"])
-    # The size the backbone trained at: DINO/iBOT's global crops, the other methods' single crop.
-    crop_size = getattr(config.method, "global_crop_size", None) or config.method.crop_size
-    return Checkpoint(file, int(state["step"]), config.data, crop_size, config.data.eval_train_shards,
+    return Checkpoint(file, int(state["step"]), config.data, ssl.trained_crop_size(config.method), config.data.eval_train_shards,
                       config.data.eval_test_shards, method.backbone_for_eval(),
                       lambda: _seeded(build).backbone_for_eval())
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from vitrail import ssl
 from vitrail.eval.images import attention_grid, cls_attention_maps, view_grid
 from vitrail.eval.knn import knn_classify
 from vitrail.pipelines.shards import ShardIndex, read_index
@@ -27,10 +28,7 @@ VIEW_SAMPLES = 4
 
 
 def eval_transform(config) -> EvalTransform:
-    """Centre crops at the size the backbone trained at (DINO/iBOT's global crop, the other
-    methods' single crop) from images resized by DINO's 256/224."""
-    crop = getattr(config.method, "global_crop_size", None) or config.method.crop_size
-    return EvalTransform(round(crop * 256 / 224), crop)
+    return EvalTransform.at(ssl.trained_crop_size(config.method))
 
 
 def decoded_subset(index: ShardIndex, transform: EvalTransform, channels: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:

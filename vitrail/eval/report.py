@@ -42,8 +42,7 @@ def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, ks=D
     train_index = read_index(train_shards or checkpoint.eval_train_shards or _missing("train"))
     test_index = read_index(test_shards or checkpoint.eval_test_shards or _missing("test"))
     crop_size = crop_size or checkpoint.crop_size
-    # DINO evaluates 224 centre crops of images resized to 256: the same 256/224 ratio by default.
-    transform = EvalTransform(resize_size or round(crop_size * 256 / 224), crop_size)
+    transform = EvalTransform.at(crop_size, resize_size)
     models = [(checkpoint.name, checkpoint.backbone, checkpoint.identity())]
     if baselines:
         models = [("raw pixels", torch.nn.Flatten(), {"raw": True}),

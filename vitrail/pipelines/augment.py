@@ -3,9 +3,9 @@ solarize), batched and cheap enough to run on a single core per data task.
 
 Every random choice of a crop is drawn up front from the sample's own generator
 (`CropParams`), so a view depends only on (seed, epoch, key), never on its batch. The work
-then stays close to the pixels that survive: crop before resize, resize uint8 (bicubic with
-antialias, channels-last), photometric ops in place on float copies of only the rows that
-need them, at the output size, in chunks small enough to stay in cache.
+then stays close to the pixels that survive: decode once, crop before resize, resize uint8
+(bicubic with antialias, channels-last), photometric ops in place on float32 at the output
+size, in chunks small enough to stay in cache, the blur as banded matrix products.
 """
 
 from __future__ import annotations
@@ -165,6 +165,8 @@ def gaussian_blur_(image: torch.Tensor, sigma: float) -> torch.Tensor:
     that read only the band plus the kernel radius: a third of the full product's work at 224 px."""
     size = image.shape[-1]
     matrix, radius = blur_matrix(size, round(sigma, 2))
+    if size <= 2 * _BAND:  # banding saves little here and costs its Python overhead
+        return torch.matmul(torch.matmul(matrix, image), matrix.T, out=image)
     bands = [(start, min(size, start + _BAND)) for start in range(0, size, _BAND)]
     bands = [(start, stop, max(0, start - radius), min(size, stop + radius)) for start, stop in bands]
     vertical = torch.empty_like(image)
@@ -185,27 +187,20 @@ def render(images: list[torch.Tensor], params: list[CropParams], size: int) -> t
     # Jittered crops go first, so in every chunk they are a leading slice, jittered in place.
     order = sorted(range(len(params)), key=lambda row: params[row].jitter is None)
     channels = images[0].shape[0]
-    rendered = torch.empty(len(images), channels, size, size, dtype=torch.uint8)
+    out = torch.empty(len(images), channels, size, size, dtype=torch.uint8)
     chunk = max(1, _CHUNK_VALUES // (channels * size * size))
     for start in range(0, len(order), chunk):
         rows = order[start:start + chunk]
-        _render_chunk([images[row] for row in rows], [params[row] for row in rows], rendered[start:start + chunk])
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[order] = torch.arange(len(order))
-    return rendered[inverse]
+        rendered = _render_chunk([images[row] for row in rows], [params[row] for row in rows], size)
+        for position, row in enumerate(rows):
+            out[row] = rendered[position]
+    return out
 
 
-def _subset(x: torch.Tensor, rows: list[int], op) -> torch.Tensor:
-    """`op` applied to `rows` of x: in place on x itself when that is every row."""
-    if len(rows) == len(x):
-        return op(x)
-    x[rows] = op(x[rows])
-    return x
-
-
-def _render_chunk(images, params, out) -> None:
+def _render_chunk(images, params, size: int) -> torch.Tensor:
+    out = torch.empty(len(images), images[0].shape[0], size, size, dtype=torch.uint8)
     for row, (image, crop) in enumerate(zip(images, params)):
-        resized = crop_resize(image, crop.box, out.shape[-1])
+        resized = crop_resize(image, crop.box, size)
         out[row] = resized.flip(-1) if crop.flip else resized
     if not any(crop.jitter or crop.gray or crop.sigma for crop in params):
         return _solarize_rows(out, params)
@@ -216,19 +211,20 @@ def _render_chunk(images, params, out) -> None:
         color_jitter_(x[:len(jittered)], torch.tensor(jittered))
     grayed = [row for row, crop in enumerate(params) if crop.gray]
     if grayed and x.shape[1] == 3:
-        x = _subset(x, grayed, lambda rows: rows.copy_(_luma(rows).expand_as(rows)))
+        x[grayed] = _luma(x[grayed]).expand(-1, 3, -1, -1)
     for row, crop in enumerate(params):
         if crop.sigma:
             gaussian_blur_(x[row], crop.sigma)
     # Every op keeps [0, 255] (clamped jitter, convex blur), so rounding is all that is left.
     out.copy_(x.round_())
-    _solarize_rows(out, params)
+    return _solarize_rows(out, params)
 
 
-def _solarize_rows(out: torch.Tensor, params: list[CropParams]) -> None:
+def _solarize_rows(out: torch.Tensor, params: list[CropParams]) -> torch.Tensor:
     for row, crop in enumerate(params):
         if crop.solarize:
             solarize_(out[row])
+    return out
 
 
 @dataclass(frozen=True)

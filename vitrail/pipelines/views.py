@@ -85,6 +85,11 @@ class EvalTransform:
     resize_size: int = 256
     crop_size: int = 224
 
+    @classmethod
+    def at(cls, crop_size: int, resize_size: int | None = None) -> "EvalTransform":
+        """Centre crops of `crop_size` from images resized by DINO's 256/224 ratio unless told otherwise."""
+        return cls(resize_size or round(crop_size * 256 / 224), crop_size)
+
     def __call__(self, images, keys=None, seed=0, epoch=0) -> dict[str, np.ndarray]:
         out = []
         for image in images:

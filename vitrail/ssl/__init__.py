@@ -39,6 +39,11 @@ def names() -> list[str]:
     return sorted(METHODS)
 
 
+def trained_crop_size(method_config) -> int:
+    """The image size a method's backbone trained at: DINO/iBOT's global crops, the others' single crop."""
+    return getattr(method_config, "global_crop_size", None) or method_config.crop_size
+
+
 def build(config, steps_per_epoch: int, total_steps: int) -> nn.Module:
     _, method = METHODS[config.method.name]
     backbone_kwargs = {"in_chans": config.data.channels, **config.model.kwargs}
