@@ -129,6 +129,7 @@ def ray_rate(index: shards.ShardIndex, cpus: int) -> float:
     import logging
 
     import ray
+    import ray.data
 
     from vitrail.launch.train import LOOPBACK_ENV
 

@@ -129,3 +129,18 @@ def test_ray_trains_to_the_end_and_counts_every_bad_sample(ray_cluster, bad_shar
     run_dir = pretrain(_config(root, tmp_path / "run"), dashboard=False)
     assert _last_metrics(run_dir)["step"] == (SAMPLES - len(bad)) // BATCH
     assert _last_metrics(run_dir)["data/skipped"] == len(bad)
+
+
+def test_ray_dataset_counts_a_missing_shard(ray_cluster, bad_shards, tmp_path):
+    from vitrail.pipelines.stream import ray_dataset
+
+    root, bad = bad_shards
+    folder = tmp_path / "train"
+    shutil.copytree(root / "train", folder)
+    index = shards.read_index(folder)
+    (folder / index.shards[-1]["name"]).unlink()
+    dataset = ray_dataset(index, MultiCrop(global_size=28, local_size=14, num_local=0), seed=0, channels=1, epochs=range(1))
+    batches = list(dataset.iter_batches(batch_size=BATCH, batch_format="numpy"))
+    in_last_shard = sum(key >= f"train{SAMPLES - SHARD_SIZE:07d}" for key in bad)
+    assert sum(int(batch["skipped"].sum()) for batch in batches) == len(bad) - in_last_shard + SHARD_SIZE
+    assert sum(len(batch["key"]) for batch in batches) == SAMPLES - SHARD_SIZE - (len(bad) - in_last_shard)

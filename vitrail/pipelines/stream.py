@@ -158,7 +158,7 @@ def ingest_options(object_store_mb: int | None):
 
 
 def ray_dataset(index: ShardIndex, recipe, seed: int, channels: int, epochs: range, shuffle: bool = True,
-                view_batch_size: int = 64, object_store_mb: int | None = None):
+                view_batch_size: int = 16, object_store_mb: int | None = None):
     """A Ray dataset streaming the views of `epochs` back to back: one map task per shard, shards
     reshuffled per epoch."""
     import ray.data
