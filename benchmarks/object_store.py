@@ -44,14 +44,15 @@ def main(argv=None) -> None:
     parser.add_argument("--object-store-mb", type=int, default=256)
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args(argv)
+    from vitrail.launch.train import LOOPBACK_ENV
+
+    # Before `ray` is imported: it reads its single-machine (loopback) mode then.
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
     import ray
     import ray.data
 
-    from vitrail.launch.train import LOOPBACK_ENV
-
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    for key, value in LOOPBACK_ENV.items():
-        os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory() as folder:
         index = build_shards(Path(folder), args.images)
         ray.init(num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",

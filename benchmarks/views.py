@@ -128,15 +128,15 @@ def vitrail_rate(samples: list[dict], batch_size: int = 64) -> float:
 def ray_rate(index: shards.ShardIndex, cpus: int) -> float:
     import logging
 
+    from vitrail.launch.train import LOOPBACK_ENV
+
+    # Before `ray` is imported: it reads its single-machine (loopback) mode then.
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
     import ray
     import ray.data
 
-    from vitrail.launch.train import LOOPBACK_ENV
-
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per execution otherwise
-
-    for key, value in LOOPBACK_ENV.items():
-        os.environ.setdefault(key, value)
     ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
              runtime_env={"env_vars": dict(LOOPBACK_ENV)})
     try:

@@ -168,3 +168,15 @@ def test_folder_sharded_twice_is_byte_identical_and_a_killed_run_resumes(tmp_pat
     assert summary["shards"] == 150 and summary["identical"] and summary["resumed_identical"]
     assert summary["index_identical"] and summary["duplicates"] == 0
     assert 1 <= summary["kept_after_kill"] < 150
+
+
+def test_shards_are_read_by_webdataset_itself(fashion_shards):
+    """The shards are plain webdataset: users can stream them with `webdataset.WebDataset` too."""
+    import webdataset as wds
+
+    index = shards.read_index(fashion_shards / "test")
+    ours = _read_back(fashion_shards / "test")
+    theirs = {sample["__key__"]: sample for sample in wds.WebDataset(index.paths, shardshuffle=False, empty_check=False)}
+    assert sorted(theirs) == sorted(ours)
+    for key, sample in theirs.items():
+        assert sample["png"] == ours[key]["png"] and sample["cls"] == ours[key]["cls"]

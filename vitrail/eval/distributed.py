@@ -26,13 +26,12 @@ def ray_feature_batches(backbone, index: ShardIndex, transform, channels: int, m
     Uses the running Ray cluster, or starts one on 127.0.0.1 (shut down afterwards). Each task
     returns its group's features whole, so the driver holds one group at a time.
     """
-    import ray
-
     from vitrail.launch.config import RaySection
     from vitrail.launch.train import init_ray
 
-    started = not ray.is_initialized()
-    init_ray(RaySection(), dashboard=False)
+    started = init_ray(RaySection(), dashboard=False)
+    import ray
+
     try:
         extract_group = ray.remote(num_cpus=1)(_extract_group)
         model = ray.put(backbone.cpu())

@@ -18,14 +18,15 @@ import sys
 import tempfile
 from contextlib import suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 import vitrail
 from vitrail.errors import VitrailError
-from vitrail.launch.config import Config
-from vitrail.launch.loop import absolute_paths
-from vitrail.launch.train import LOOPBACK_ENV
+
+if TYPE_CHECKING:  # the training modules pull in torch: `vitrail shard` and `jobs` start faster without them
+    from vitrail.launch.config import Config
 
 LOCAL_ADDRESS = "http://127.0.0.1:8265"
 
@@ -75,6 +76,8 @@ def cluster_up(num_cpus: int | None = None, dashboard_port: int = 8265) -> str:
                            f"stop it with `vitrail cluster down --dashboard-port {dashboard_port}`")
     folder = cluster_dir(dashboard_port)
     folder.mkdir(parents=True, exist_ok=True)
+    from vitrail.launch.train import LOOPBACK_ENV
+
     env = {**os.environ, **LOOPBACK_ENV}
     command = _ray_command("start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                            f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus or os.cpu_count()}",
@@ -135,6 +138,9 @@ def _client(address: str):
 
 def submit(config: Config, address: str = LOCAL_ADDRESS, evaluate: bool = True) -> str:
     """Submit `config` as a Ray Job that pretrains (then runs the k-NN eval when eval shards are set)."""
+    from vitrail.launch.loop import absolute_paths
+    from vitrail.launch.train import LOOPBACK_ENV
+
     absolute_paths(config)  # the job runs in a scratch working dir
     python = "python -m vitrail.launch.cli"
     entrypoint = f"{python} pretrain config.yaml --address auto"

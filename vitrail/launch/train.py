@@ -25,24 +25,26 @@ from vitrail.pipelines.stream import ingest_options, ray_dataset
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
 
 
-def init_ray(settings: RaySection, dashboard: bool = True):
-    """Connect to `settings.address`, or start a one-node cluster bound to 127.0.0.1."""
+def init_ray(settings: RaySection, dashboard: bool = True) -> bool:
+    """Connect to `settings.address`, or start a one-node cluster bound to 127.0.0.1; False when
+    Ray was already initialised in this process. Call it before importing `ray` elsewhere."""
     if not settings.address:
         for key, value in LOOPBACK_ENV.items():
             os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if settings.address:
         ray.init(address=settings.address, logging_level="WARNING")
-        return
+        return True
     object_store = settings.object_store_mb * 2**20 if settings.object_store_mb else None
     ray.init(
         num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1", object_store_memory=object_store, logging_level="WARNING",
         runtime_env={"env_vars": dict(LOOPBACK_ENV)},
     )
+    return True
 
 
 def _worker_loop(loop_config: dict) -> None:
