@@ -101,9 +101,9 @@ class EvalSection(Section):
 
     knn_every: int = Field(0, ge=0, description="steps between online k-NN evaluations (and one at the end); 0 disables")
     # Decoded once and held as uint8 eval crops: samples x channels x crop^2 bytes of memory. One
-    # evaluation forwards 6,000 images, about the cost of 6 demo training steps (batch 64, 6 crops):
-    # under 10% of training at knn_every >= 100 (benchmarks/online_knn.py).
-    knn_train_samples: int = Field(5000, ge=1, description="first samples of data.eval_train_shards in the k-NN bank")
+    # evaluation forwards 4,000 images, about the cost of 6 demo training steps (batch 64, 2 global
+    # + 4 local crops, student and teacher): 6% of training at knn_every = 100 (benchmarks/online_knn.py).
+    knn_train_samples: int = Field(3000, ge=1, description="first samples of data.eval_train_shards in the k-NN bank")
     knn_test_samples: int = Field(1000, ge=1, description="first samples of data.eval_test_shards classified")
     # DINO's weighted k-NN (Sec. 4.1): k = 20, T = 0.07.
     k: int = Field(20, ge=1)

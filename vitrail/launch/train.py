@@ -101,9 +101,6 @@ def check_resources(settings: RaySection, available: dict, where: str) -> None:
 
 def pretrain(config: Config, dashboard: bool = True) -> Path:
     """Run the pretraining in `config` on Ray; returns the run dir."""
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     if config.ray.workers < 1:
         raise VitrailError("ray.workers must be at least 1 for a Ray run; use --local for one process")
     index = start_run(config)
@@ -111,10 +108,12 @@ def pretrain(config: Config, dashboard: bool = True) -> Path:
     Schedule.of(config, index.num_samples, workers)  # a global batch larger than the data fails here, not in a worker
     if not config.ray.address:
         check_resources(config.ray, {"CPU": os.cpu_count(), "GPU": torch.cuda.device_count()}, "this machine")
-    init_ray(config.ray, dashboard)
-    if config.ray.address:
-        import ray
+    init_ray(config.ray, dashboard)  # before any `ray` import: it sets the loopback mode Ray reads then
+    import ray
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
+    if config.ray.address:
         check_resources(config.ray, ray.cluster_resources(), f"the cluster at {config.ray.address}")
     resources = {"CPU": config.ray.cpus_per_worker}
     if config.ray.gpus_per_worker:
