@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import sys
 import time
 
 import psutil
@@ -59,7 +60,8 @@ def test_submitted_job_trains_evaluates_and_cluster_down_stops_only_its_node(
     assert state == "SUCCEEDED", logs
     # The job pretrained, then ran the k-NN eval on the config's eval shards, with baselines.
     assert f"run dir: {run_dir}" in logs and "weighted k-NN (k=" in logs and "| raw pixels | 784 |" in logs
-    assert re.search(rf"^{re.escape(job_id)}\s+SUCCEEDED\s+python -m vitrail.launch.cli pretrain",
+    # A head on this machine runs the job with the submitter's interpreter, not whatever `python` is on PATH.
+    assert re.search(rf"^{re.escape(job_id)}\s+SUCCEEDED\s+{re.escape(sys.executable)} -m vitrail.launch.cli pretrain",
                      _printed(capsys, "jobs", "list", "--address", address), re.MULTILINE)
 
     # Its results are in the run dir the config names, not in the job's scratch working dir.

@@ -142,11 +142,13 @@ def submit(config: Config, address: str = LOCAL_ADDRESS, evaluate: bool = True) 
     from vitrail.launch.train import LOOPBACK_ENV
 
     absolute_paths(config)  # the job runs in a scratch working dir
-    python = "python -m vitrail.launch.cli"
+    on_this_machine = any(host in address for host in ("127.0.0.1", "localhost"))
+    # A head on this machine is `vitrail cluster up`'s, started from this interpreter's environment;
+    # on another cluster, its own `python` (whatever a bare `python` on this machine's PATH may be).
+    python = f"{shlex.quote(sys.executable) if on_this_machine else 'python'} -m vitrail.launch.cli"
     entrypoint = f"{python} pretrain config.yaml --address auto"
     if evaluate and config.data.eval_train_shards and config.data.eval_test_shards:
         entrypoint += f" && {python} eval knn {shlex.quote(config.run.dir)} --baselines"
-    on_this_machine = any(host in address for host in ("127.0.0.1", "localhost"))
     env_vars = {**(LOOPBACK_ENV if on_this_machine else {}), "PYTHONUNBUFFERED": "1"}
     client = _client(address)
     # The working dir is uploaded at submission, so the local copy is needed only until then.
