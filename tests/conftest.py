@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from vitrail.launch.config import from_dict
 from vitrail.pipelines.shards import shard_fashion_mnist
@@ -39,6 +40,19 @@ def tiny_config_tree(shards, run_dir, **sections) -> dict:
     for section, values in sections.items():
         tree.setdefault(section, {}).update(values)
     return tree
+
+
+def resumed_trainer(tree: dict, trained, num_samples: int = 640, changing_keys=()):
+    """A fresh Trainer resumed from the run dir of `tree`, checked to hold the method state of
+    `trained` tensor for tensor (`changing_keys` may legitimately differ)."""
+    from vitrail.launch.loop import Trainer
+
+    fresh = Trainer(from_dict(tree), num_samples=num_samples)
+    fresh.resume_if_possible()
+    restored = fresh.method.state_dict()
+    for key, value in trained.method.state_dict().items():
+        assert torch.equal(value, restored[key]) or key in changing_keys, key
+    return fresh
 
 
 @pytest.fixture

@@ -6,10 +6,9 @@ import torch
 from vitrail.launch import checkpoints
 from vitrail.launch.config import from_dict, load
 from vitrail.launch.local import pretrain
-from vitrail.launch.loop import Trainer
 from vitrail.ssl.byol import BYOL, BYOLConfig, regression_loss
 
-from conftest import tiny_config_tree
+from conftest import resumed_trainer, tiny_config_tree
 
 
 def tiny_tree(shards, run_dir, **optim):
@@ -53,10 +52,7 @@ def test_local_run_resumes_with_target_and_optimizer(fashion_shards, tmp_path):
     tree = tiny_tree(fashion_shards, tmp_path / "run", epochs=2, batch_size=32, max_steps=6)
     trained = pretrain(from_dict(tree), progress=False)
     assert checkpoints.latest_step(tmp_path / "run") == 6
-    fresh = Trainer(from_dict(tree), num_samples=640)
-    fresh.resume_if_possible()
-    for key, value in trained.method.state_dict().items():
-        assert torch.equal(value, fresh.method.state_dict()[key]), key
+    resumed_trainer(tree, trained)
     assert not torch.equal(trained.method.online[0].pos_embed, trained.method.target[0].pos_embed)
     row = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]
     assert '"cosine_similarity"' in row and '"momentum"' in row

@@ -8,11 +8,10 @@ from vitrail.errors import VitrailError
 from vitrail.launch import checkpoints
 from vitrail.launch.config import from_dict, load
 from vitrail.launch.local import pretrain
-from vitrail.launch.loop import Trainer
 from vitrail.pipelines.views import BlockMasking
 from vitrail.ssl.ibot import IBOT, IBOTConfig, MaskedPatchLoss
 
-from conftest import tiny_config_tree
+from conftest import resumed_trainer, tiny_config_tree
 
 TINY_HEAD = {"out_dim": 64, "patch_out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32}
 
@@ -86,10 +85,7 @@ def test_local_run_resumes_with_centres_and_mask_seed(fashion_shards, tmp_path):
     assert checkpoints.latest_step(tmp_path / "run") == 6
     state = checkpoints.load(tmp_path / "run")["method"]
     assert state["patch_loss.center"].abs().sum() > 0 and "mask_seed" in state
-    fresh = Trainer(from_dict(tree), num_samples=640)
-    fresh.resume_if_possible()
-    for key, value in trained.method.state_dict().items():
-        assert torch.equal(value, fresh.method.state_dict()[key]), key
+    fresh = resumed_trainer(tree, trained)
     torch.testing.assert_close(fresh.method.draw_masks(4, step=7), trained.method.draw_masks(4, step=7))
 
 

@@ -7,11 +7,10 @@ import torch
 from vitrail.launch import checkpoints
 from vitrail.launch.config import from_dict, load
 from vitrail.launch.local import pretrain
-from vitrail.launch.loop import Trainer
 from vitrail.pipelines.views import Rotations
 from vitrail.ssl.rotnet import rotation_loss
 
-from conftest import tiny_config_tree
+from conftest import resumed_trainer, tiny_config_tree
 
 
 def tiny_tree(shards, run_dir, **optim):
@@ -47,11 +46,7 @@ def test_local_run_logs_accuracy_and_resumes(fashion_shards, tmp_path):
     tree = tiny_tree(fashion_shards, tmp_path / "run", epochs=2, batch_size=32, max_steps=6)
     trained = pretrain(from_dict(tree), progress=False)
     assert checkpoints.latest_step(tmp_path / "run") == 6
-    fresh = Trainer(from_dict(tree), num_samples=640)
-    fresh.resume_if_possible()
-    assert fresh.step == 6
-    for key, value in trained.method.state_dict().items():
-        assert torch.equal(value, fresh.method.state_dict()[key]), key
+    assert resumed_trainer(tree, trained).step == 6
     row = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]
     assert '"rotation_accuracy"' in row
 
