@@ -53,19 +53,23 @@ def frozen_features(backbone: nn.Module, images: torch.Tensor, mode: str = "cls"
     return backbone(images)
 
 
+def embed_images(backbone: nn.Module, images: torch.Tensor, mean, std, device="cpu", mode: str = "cls") -> torch.Tensor:
+    """(B, F) float32 CPU features of uint8 images (B, C, S, S): normalised on `device`, bf16 autocast on CUDA."""
+    device_type = torch.device(device).type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+        return frozen_features(backbone, normalize(images.to(device), mean, std), mode).float().cpu()
+
+
 @torch.no_grad()
 def feature_batches(backbone: nn.Module, index: ShardIndex, transform: EvalTransform, channels: int, mean, std,
                     batch_size: int = 256, device="cpu", limit: int | None = None, mode: str = "cls"):
     """(features (B, F) float32, labels (B,) int64, keys) numpy batches in shard order, the first `limit` samples."""
     backbone.eval().to(device)
-    autocast = torch.device(device).type == "cuda"
     seen = 0
     for batch in local_batches(index, transform, seed=0, channels=channels, batch_size=batch_size,
                                shuffle=False, epochs=1, drop_last=False):
         keep = len(batch["label"]) if limit is None else min(len(batch["label"]), limit - seen)
-        images = normalize(torch.as_tensor(batch["image"][:keep]).to(device), mean, std)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-            features = frozen_features(backbone, images, mode).float().cpu().numpy()
+        features = embed_images(backbone, torch.as_tensor(batch["image"][:keep]), mean, std, device, mode).numpy()
         yield features, np.asarray(batch["label"][:keep]), [str(key) for key in batch["key"][:keep]]
         seen += keep
         if limit is not None and seen >= limit:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vitrail import ssl
+from vitrail.eval.features import embed_images
 from vitrail.eval.images import attention_grid, cls_attention_maps, view_grid
 from vitrail.eval.knn import knn_classify
 from vitrail.pipelines.shards import ShardIndex, read_index
@@ -59,12 +60,7 @@ def evaluating(module: nn.Module):
 
 def features_of(backbone: nn.Module, images: torch.Tensor, mean, std, device, batch_size: int = 256) -> torch.Tensor:
     """Backbone features (N, D) float32 on the CPU of uint8 images (N, C, S, S)."""
-    autocast = torch.device(device).type == "cuda"
-    features = []
-    for chunk in images.split(batch_size):
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-            features.append(backbone(normalize(chunk.to(device), mean, std)).float().cpu())
-    return torch.cat(features)
+    return torch.cat([embed_images(backbone, chunk, mean, std, device) for chunk in images.split(batch_size)])
 
 
 class OnlineMonitor:
