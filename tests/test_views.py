@@ -1,11 +1,18 @@
+import itertools
+import math
+from collections import Counter
+
 import numpy as np
 import torch
+from torchvision.transforms import functional as TF
 
+from vitrail.pipelines.augment import uniform_stream
 from vitrail.pipelines.datasets import load_fashion_mnist
-from torchvision.transforms.functional import adjust_hue
-
-from vitrail.pipelines.augment import color_jitter_, gaussian_blur_, shift_hue_
+from vitrail.pipelines.photometric import BRIGHTNESS, CONTRAST, HUE, SATURATION, gaussian_blur_, photometric
 from vitrail.pipelines.views import Augment, EvalTransform, MultiCrop, normalize, sample_generator
+
+_TORCHVISION_OPS = {BRIGHTNESS: TF.adjust_brightness, CONTRAST: TF.adjust_contrast,
+                    SATURATION: TF.adjust_saturation, HUE: TF.adjust_hue}
 
 
 def _images(count, channels=1):
@@ -58,29 +65,78 @@ def test_solarize_and_flip_probabilities_follow_the_recipe():
     assert 0.13 < solarized < 0.27
 
 
-def test_gaussian_blur_keeps_mass_and_matches_sigma():
-    for size in (21, 150):  # 150 px spans several bands of the banded product
+def test_gaussian_blur_keeps_mass_matches_sigma_and_torchvision():
+    for size in (21, 150):
         for sigma in (0.5, 2.0):
-            impulse = torch.zeros(1, size, size)
+            impulse = np.zeros((1, size, size), np.float32)
             impulse[0, 70 % size, 10] = 1.0
-            blurred = gaussian_blur_(impulse, sigma)
-            assert abs(blurred.sum().item() - 1.0) < 1e-5
-            profile = blurred[0, 70 % size]
-            variance = (profile / profile.sum() * (torch.arange(size) - 10.0) ** 2).sum()
-            assert abs(variance.sqrt().item() - sigma) < 0.05 * sigma + 0.02
-    # Reflect padding: a constant image stays constant, edges included.
-    flat = torch.full((3, 150, 150), 77.0)
-    assert torch.allclose(gaussian_blur_(flat, 2.0), torch.full((3, 150, 150), 77.0), atol=1e-3)
+            gaussian_blur_(impulse, sigma)
+            assert abs(impulse.sum() - 1.0) < 1e-5
+            profile = impulse[0, 70 % size]
+            variance = (profile / profile.sum() * (np.arange(size) - 10.0) ** 2).sum()
+            assert abs(math.sqrt(variance) - sigma) < 0.05 * sigma + 0.02
+    # A Gaussian truncated at 3 sigma with reflect padding is torchvision's gaussian_blur.
+    images = torch.stack(_colour_images()[:4]).float()
+    for sigma in (0.3, 1.0, 1.7):
+        ours = images.clone()
+        for image in ours:
+            gaussian_blur_(image.numpy(), sigma)
+        reference = TF.gaussian_blur(images, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+        assert (ours - reference).abs().max() < 1e-3
+    flat = np.full((3, 150, 150), 77.0, np.float32)
+    gaussian_blur_(flat, 2.0)
+    assert np.allclose(flat, 77.0, atol=1e-3)
 
 
-def test_hue_shift_matches_torchvision_and_jitter_identity_is_identity():
-    images = torch.from_numpy(np.stack([np.asarray(_photo(seed)) for seed in range(3)])).permute(0, 3, 1, 2).float()
-    for shift in (-0.1, -0.04, 0.03, 0.1):
-        ours = shift_hue_(images.clone(), torch.full((3,), shift)).round()
-        reference = adjust_hue(images.to(torch.uint8), shift).float()
-        assert (ours - reference).abs().max() <= 1
-    same = color_jitter_(images.clone(), torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 3)).round()
-    assert torch.equal(same, images)
+def _colour_images():
+    """RGB images from real data: three Fashion-MNIST images as the red, green and blue
+    planes of each (many hues, black background), plus the gradients of `_photo`."""
+    images, _ = load_fashion_mnist("test")
+    colour = [torch.from_numpy(images[3 * n:3 * n + 3].copy()) for n in range(8)]
+    return colour + [torch.from_numpy(_photo(seed)).permute(2, 0, 1).contiguous() for seed in range(2)]
+
+
+def _photometric(image, ops=(), factors=(), gray=False, sigma=0.0, solarize=False):
+    out = torch.empty_like(image)
+    photometric(image.numpy(), out.numpy(), np.array(ops, np.int64), np.array(factors, np.float64), gray, sigma, solarize)
+    return out
+
+
+def test_each_colour_op_matches_torchvision_on_uint8():
+    rgb, gray = _colour_images(), _images(4)
+    cases = {BRIGHTNESS: (0.6, 1.4), CONTRAST: (0.6, 1.4), SATURATION: (0.0, 0.8, 1.2), HUE: (-0.1, -0.04, 0.03, 0.1, 0.5)}
+    for op, factors in cases.items():
+        for factor in factors:
+            for image in rgb + gray:
+                reference = _TORCHVISION_OPS[op](image, factor)  # one channel: saturation and hue are no-ops
+                assert (_photometric(image, [op], [factor]).float() - reference.float()).abs().max() <= 1, (op, factor)
+    for image in rgb:
+        assert torch.equal(_photometric(image, [BRIGHTNESS, CONTRAST, SATURATION, HUE], [1.0, 1.0, 1.0, 0.0]), image)
+
+
+def test_colour_ops_chain_in_the_given_order_as_torchvision():
+    # torchvision's ops on floats (no rounding between ops) in the same order; an order mix-up
+    # would differ by tens of grey levels.
+    factors = {BRIGHTNESS: 1.3, CONTRAST: 0.7, SATURATION: 1.2, HUE: 0.08}
+    images = _colour_images()
+    for order in itertools.permutations(factors):
+        for image in images:
+            reference = image.float() / 255
+            for op in order:
+                reference = _TORCHVISION_OPS[op](reference, factors[op])
+            ours = _photometric(image, order, [factors[op] for op in order])
+            assert (ours.float() - (reference * 255).round()).abs().max() <= 1, order
+    jittered = _photometric(images[0], list(factors), list(factors.values()), gray=True)
+    luma = TF.rgb_to_grayscale(_photometric(images[0], list(factors), list(factors.values())).float() / 255) * 255
+    assert torch.equal(jittered[0], jittered[2]) and (jittered[0].float() - luma[0]).abs().max() <= 1
+
+
+def test_jitter_order_is_one_of_the_24_drawn_uniformly():
+    augment = Augment(size=16, scale=(0.5, 1.0), blur_prob=0.0, jitter_prob=1.0)
+    orders = Counter(tuple(op for op, _ in augment.draw(uniform_stream(sample_generator(0, 0, str(n)), 1), 28, 28).jitter)
+                     for n in range(2400))
+    assert set(orders) == set(itertools.permutations(range(4)))
+    assert 50 < min(orders.values()) and max(orders.values()) < 150  # 100 each expected
 
 
 def _photo(seed):

@@ -44,7 +44,7 @@ def test_bad_inputs_name_the_problem():
         linear_probe(features, labels, features[:, :3], labels)
     nan_features = features.clone()
     nan_features[7, 1] = float("nan")
-    with pytest.raises(VitrailError, match=r"train features contain NaN or inf in 1 rows \(first: row 7\)"):
+    with pytest.raises(VitrailError, match=r"train features contain NaN or inf at row 7"):
         linear_probe(nan_features, labels, features, labels)
     with pytest.raises(VitrailError, match="val_fraction=1.0 of 50 train samples"):
         linear_probe(features, labels, features, labels, val_fraction=1.0)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 
 import faiss
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vitrail.errors import VitrailError
+
+ROW_BYTES_PER_DIM = 4  # a float32 copy per feature value: see `normalized_rows`
 
 
 def knn_classify(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07,
@@ -52,18 +54,20 @@ def knn_predict(train_features, train_labels, test_features, ks=(20,), temperatu
                 max_memory_mb=512, num_threads=None):
     """{k: (N_test, min(5, k)) int64 classes, best first} for every k in `ks`.
 
-    Features are (N, D) and labels (N,) integer, as torch tensors or numpy arrays; `num_classes`
-    defaults to max train label + 1. One exact FAISS search (IndexFlatIP) with max(ks) neighbours
-    serves every k; it runs on the GPU when FAISS sees one. Test queries are searched in chunks
-    whose working memory (neighbour ids and similarities, votes) stays under `max_memory_mb`; the
-    train index itself (N_train x D float32) is not counted. Chunks below a few thousand queries
-    slow FAISS's CPU search down a lot (per-call overhead, and its non-BLAS path for small
-    batches), so keep the budget generous. FAISS uses `num_threads` OpenMP threads; default: the
-    cores this process may run on.
+    Features are (N, D) torch tensors or numpy arrays, memory-mapped ones included, and labels
+    (N,) integers; `num_classes` defaults to max train label + 1. One exact FAISS search
+    (IndexFlatIP) with max(ks) neighbours serves every k; it runs on the GPU when FAISS sees one.
+
+    Memory: the index holds the normalised train set (N_train x D float32); our own chunks stay
+    under `max_memory_mb`, and FAISS and BLAS add their fixed work buffers (about 130 MB on a
+    2-core CPU, see benchmarks/knn_memory.py). Features are never copied whole: the index is
+    filled and the test set searched in chunks normalised on the fly, so a memory-mapped
+    1.28M x 768 train set needs its 3.9 GB index, the budget and those buffers. Chunks below a few thousand queries slow FAISS's CPU search down a
+    lot (per-call overhead, and its non-BLAS path for small batches), so keep the budget generous.
+    FAISS uses `num_threads` OpenMP threads; default: the cores this process may run on.
     """
-    train_features = checked_features(train_features, "train")
+    train_features, test_features = feature_rows(train_features, "train"), feature_rows(test_features, "test")
     train_labels = checked_labels(train_labels, len(train_features), "train")
-    test_features = checked_features(test_features, "test")
     if train_features.shape[1] != test_features.shape[1]:
         raise VitrailError(f"train features have dimension {train_features.shape[1]} but test features "
                            f"{test_features.shape[1]}; both must come from the same backbone")
@@ -74,27 +78,28 @@ def knn_predict(train_features, train_labels, test_features, ks=(20,), temperatu
         raise VitrailError(f"k-NN temperature must be > 0, got {temperature}")
     num_classes = num_classes or int(train_labels.max()) + 1
 
-    train_features = F.normalize(train_features, dim=1)
-    test_features = F.normalize(test_features, dim=1)
+    budget = max_memory_mb * 2**20
+    dim = train_features.shape[1]
     max_k = ks[-1]
     # One neighbour beyond max_k reveals ties that straddle the last kept rank.
     search_k = min(max_k + 1, len(train_features))
-    bytes_per_query = search_k * (4 + 8 + 8) + num_classes * (4 + 4 + 8)  # sims, ids, labels; votes, sort
-    chunk = max(1, max_memory_mb * 2**20 // bytes_per_query)
+    # Per query: its row read, checked and normalised (`normalized_rows`); sims, ids, labels; votes and their sort.
+    bytes_per_query = ROW_BYTES_PER_DIM * dim + search_k * (4 + 8 + 8) + num_classes * (4 + 4 + 8)
+    chunk = max(1, budget // bytes_per_query)
+    train_chunk = max(1, budget // (ROW_BYTES_PER_DIM * dim))
 
     faiss.omp_set_num_threads(num_threads or len(os.sched_getaffinity(0)))
-    index = faiss.IndexFlatIP(train_features.shape[1])
+    index = _flat_index(train_features, train_chunk)
     if faiss.get_num_gpus() > 0:
         gpu_resources = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(gpu_resources, 0, index)
-    index.add(train_features.numpy())
 
     predictions = {k: [] for k in ks}
     for start in range(0, len(test_features), chunk):
-        queries = test_features[start:start + chunk]
+        queries = normalized_rows(test_features, start, start + chunk, "test")
         similarities, neighbours = index.search(queries.numpy(), search_k)
         similarities, neighbours = _ranked_neighbours(
-            torch.from_numpy(similarities), torch.from_numpy(neighbours), queries, train_features, max_k)
+            torch.from_numpy(similarities), torch.from_numpy(neighbours), queries, train_features, max_k, budget)
         neighbour_labels = train_labels[neighbours]  # (B, max_k)
         for k in ks:
             votes = torch.zeros(len(queries), num_classes).scatter_add_(
@@ -105,7 +110,21 @@ def knn_predict(train_features, train_labels, test_features, ks=(20,), temperatu
     return {k: torch.cat(ranked) for k, ranked in predictions.items()}
 
 
-def _ranked_neighbours(similarities, neighbours, queries, train_features, max_k):
+def _flat_index(train_features, chunk_rows):
+    """An IndexFlatIP of the normalised train rows, written a chunk at a time straight into the
+    index's storage (raw float32 rows): `index.add` per chunk would grow that storage by doubling,
+    each time copying it, a transient third of the index at 1.28M rows."""
+    rows, dim = train_features.shape
+    index = faiss.IndexFlatIP(dim)
+    index.codes.resize(rows * dim * 4)
+    storage = faiss.rev_swig_ptr(index.codes.data(), rows * dim * 4).view(np.float32).reshape(rows, dim)
+    for start in range(0, rows, chunk_rows):
+        storage[start:start + chunk_rows] = normalized_rows(train_features, start, start + chunk_rows, "train").numpy()
+    index.ntotal = rows
+    return index
+
+
+def _ranked_neighbours(similarities, neighbours, queries, train_features, max_k, budget):
     """The first max_k neighbours ordered by similarity, then lower training index.
 
     FAISS returns equal similarities in descending index order, and when equal similarities
@@ -122,22 +141,61 @@ def _ranked_neighbours(similarities, neighbours, queries, train_features, max_k)
     by_similarity = similarities.sort(dim=1, descending=True, stable=True).indices
     similarities, neighbours = similarities.gather(1, by_similarity), neighbours.gather(1, by_similarity)
     if straddles.any():
-        exhaustive = (queries[straddles] @ train_features.T).sort(dim=1, descending=True, stable=True)
-        similarities[straddles] = exhaustive.values[:, :max_k]
-        neighbours[straddles] = exhaustive.indices[:, :max_k]
+        similarities[straddles], neighbours[straddles] = _exhaustive_top(queries[straddles], train_features,
+                                                                         max_k, budget)
     return similarities, neighbours
+
+
+def _exhaustive_top(queries, train_features, max_k, budget):
+    """Each query's max_k most similar train rows, equal similarities in ascending index order,
+    from the whole train set streamed in chunks."""
+    rows = max(max_k, budget // (len(queries) * 2 * (4 + 8) + ROW_BYTES_PER_DIM * train_features.shape[1]))
+    best_similarities = torch.empty(len(queries), 0)
+    best_neighbours = torch.empty(len(queries), 0, dtype=torch.long)
+    for start in range(0, len(train_features), rows):
+        similarities = queries @ normalized_rows(train_features, start, start + rows, "train").T
+        neighbours = torch.arange(start, start + similarities.shape[1]).expand_as(similarities)
+        # The best so far all have lower indices and come first: a stable sort keeps ties by index.
+        similarities = torch.cat([best_similarities, similarities], dim=1)
+        neighbours = torch.cat([best_neighbours, neighbours], dim=1)
+        kept = similarities.sort(dim=1, descending=True, stable=True).indices[:, :max_k]
+        best_similarities, best_neighbours = similarities.gather(1, kept), neighbours.gather(1, kept)
+    return best_similarities, best_neighbours
+
+
+def feature_rows(features, split):
+    """(N, D) features as given (a tensor or a numpy array, memory-mapped or not), or a
+    VitrailError naming the problem. Nothing is copied: rows are read by `normalized_rows`."""
+    if not isinstance(features, (torch.Tensor, np.ndarray)):
+        features = np.asarray(features)
+    if features.ndim != 2 or len(features) == 0:
+        raise VitrailError(f"{split} features must be a non-empty (N, D) array, got shape {tuple(features.shape)}")
+    return features
+
+
+def normalized_rows(features, start, stop, split):
+    """Rows start:stop of `feature_rows` output as a new l2-normalised float32 tensor, checked
+    finite; it takes ROW_BYTES_PER_DIM bytes per value: one copy, normalised in place."""
+    rows = features[start:stop]
+    rows = (torch.from_numpy(np.array(rows, dtype=np.float32)) if isinstance(rows, np.ndarray)
+            else rows.detach().to("cpu", torch.float32, copy=True))
+    norms = rows.norm(dim=1, keepdim=True)
+    check_finite(norms, split, offset=start)  # a NaN or inf anywhere in a row makes its norm one
+    # x / max(|x|, eps), as F.normalize, without its second copy
+    return rows.div_(norms.clamp_min_(1e-12))
+
+
+def check_finite(rows, split, offset=0):
+    """A VitrailError naming the first row of (N, D) `rows` holding a NaN or inf."""
+    if not torch.isfinite(rows).all():
+        first = (~torch.isfinite(rows)).any(dim=1).nonzero()[0].item() + offset
+        raise VitrailError(f"{split} features contain NaN or inf at row {first}; check the backbone's forward pass")
 
 
 def checked_features(features, split):
     """(N, D) float32 CPU features, or a VitrailError naming the problem."""
-    features = torch.as_tensor(features).detach().cpu()
-    if features.ndim != 2 or len(features) == 0:
-        raise VitrailError(f"{split} features must be a non-empty (N, D) array, got shape {tuple(features.shape)}")
-    features = features.float().contiguous()
-    if not torch.isfinite(features).all():
-        bad_rows = (~torch.isfinite(features)).any(dim=1).nonzero().flatten()
-        raise VitrailError(f"{split} features contain NaN or inf in {len(bad_rows)} rows "
-                           f"(first: row {bad_rows[0].item()}); check the backbone's forward pass")
+    features = torch.as_tensor(feature_rows(features, split)).detach().cpu().float().contiguous()
+    check_finite(features, split)
     return features
 
 

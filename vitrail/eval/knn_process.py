@@ -26,7 +26,6 @@ def knn_in_subprocess(train_folder: Path, test_folder: Path, columns: slice = sl
 
 
 def _search(train_folder, test_folder, columns, ks, temperature, max_memory_mb, num_threads):
-    import numpy as np
     import torch
 
     from vitrail.eval import cache
@@ -34,8 +33,8 @@ def _search(train_folder, test_folder, columns, ks, temperature, max_memory_mb, 
 
     torch.set_num_threads(1)
     train, test = cache.load(Path(train_folder)), cache.load(Path(test_folder))
-    # Copied out of the read-only memmaps: the FAISS index and torch need their own writable rows anyway.
-    accuracies = knn_classify_multi_k(np.array(train.features[:, columns]), train.labels,
-                                      np.array(test.features[:, columns]), test.labels, ks=ks, temperature=temperature, max_memory_mb=max_memory_mb,
+    # The memmaps go in as they are: the search reads them a chunk at a time.
+    accuracies = knn_classify_multi_k(train.features[:, columns], train.labels, test.features[:, columns],
+                                      test.labels, ks=ks, temperature=temperature, max_memory_mb=max_memory_mb,
                                       num_threads=num_threads or len(os.sched_getaffinity(0)))
     return accuracies, os.getpid()

@@ -6,7 +6,7 @@ keeps everything uint8 so that only a quarter of the float bytes cross the objec
 
 Randomness is drawn per sample from a generator seeded by (seed, epoch, sample key), so a
 view is reproducible whatever worker, batch or order produced it. The photometric ops run
-batched on float tensors with per-sample parameters.
+per crop in one numba kernel (`photometric`).
 """
 
 from __future__ import annotations
