@@ -74,7 +74,8 @@ def test_eval_knn_on_released_dino_weights(fashion_shards, tmp_path, capsys):
     path = tmp_path / "dino_vittiny16_pretrain.pth"
     torch.save(model.state_dict(), path)
     code = main(["eval", "knn", "--checkpoint", str(path), "--arch", "vit_tiny", "--patch-size", "16",
-                 "--data", str(fashion_shards), "--crop-size", "32", "--limit", "320"])
+                 "--data", str(fashion_shards), "--crop-size", "32", "--limit", "320",
+                 "--knn-memory-mb", "1"])  # the cached memmaps searched in two chunks of queries
     assert code == 0, capsys.readouterr().err
     assert "| pretrained (dino_vittiny16_pretrain.pth) | 192 | 200 |" in capsys.readouterr().out
     rows = json.loads((tmp_path / "results.json").read_text())["knn"]

@@ -29,7 +29,7 @@ def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, ks=D
              crop_size: int | None = None, baselines: bool = False, limit: int | None = None,
              device: str = "cpu", arch: str | None = None, patch_size: int | None = None,
              probe_features: str | None = None, cache_dir=None, use_cache: bool = True, workers: int = 0,
-             faiss_threads: int | None = None, log=print) -> dict[str, list[dict]]:
+             faiss_threads: int | None = None, knn_memory_mb: int = 512, log=print) -> dict[str, list[dict]]:
     """{protocol: rows} for "knn" and/or "linear"; one row per model (and per k for the k-NN).
 
     Features are extracted once per (model, shards, transform, feature mode) and cached under
@@ -77,7 +77,7 @@ def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, ks=D
             if "knn" in results:
                 columns = cls_columns(mode, getattr(model, "embed_dim", train.features.shape[1]))
                 accuracies, _ = knn_in_subprocess(train.folder, test.folder, columns, ks, temperature,
-                                                  num_threads=faiss_threads)
+                                                  max_memory_mb=knn_memory_mb, num_threads=faiss_threads)
                 dim = train.features[:1, columns].shape[1]
                 results["knn"] += [{**row, "dim": dim, "k": k, "temperature": temperature, **accuracies[k]} for k in ks]
             if "linear" in results:

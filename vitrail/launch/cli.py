@@ -59,7 +59,8 @@ def _eval(args) -> None:
                        linear_epochs=args.epochs, resize_size=args.resize_size, crop_size=args.crop_size,
                        baselines=args.baselines, limit=args.limit, device=args.device, arch=args.arch,
                        patch_size=args.patch_size, probe_features=args.probe_features, cache_dir=args.cache_dir,
-                       use_cache=not args.no_cache, workers=args.workers, faiss_threads=args.faiss_threads)
+                       use_cache=not args.no_cache, workers=args.workers, faiss_threads=args.faiss_threads,
+                       knn_memory_mb=args.knn_memory_mb)
     path = write_results(checkpoint, results)
     titles = {"knn": f"weighted k-NN (k={','.join(map(str, args.k))}, T={args.temperature})",
               "linear": f"linear probe ({args.epochs} epochs)"}
@@ -206,6 +207,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="k-NN neighbours, all from one search "
                          "(default 10 20 100 200, DINO's)")
         sub.add_argument("--faiss-threads", type=int, default=None, help="FAISS search threads (default: every core this process may use)")
+        sub.add_argument("--knn-memory-mb", type=int, default=512, help="k-NN working memory beside the FAISS index "
+                         "(N_train x dim float32): cached features are read and searched in chunks within it (default 512)")
         sub.add_argument("--cache-dir", default=None, help="feature cache folder (default RUN_DIR/features)")
         sub.add_argument("--no-cache", action="store_true", help="extract features afresh and keep none on disk")
         sub.add_argument("--workers", type=int, default=0, help="extract over N Ray tasks on a local 127.0.0.1 cluster (default 0: in this process)")
