@@ -41,13 +41,14 @@ def main():
     parser.add_argument("--methods", nargs="+", default=["rotnet", "byol", "ibot", "deepcluster"])
     parser.add_argument("--train-shards", default="data/fashion-mnist/train")
     parser.add_argument("--test-shards", default="data/fashion-mnist/test")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every method (ablations)")
     args = parser.parse_args()
 
     rows = []
     for name in args.methods:
         path = Path("configs") / f"demo_{name}.yaml"
         with tempfile.TemporaryDirectory() as run_dir:
-            config = load(path, [f"data.shards={args.train_shards}", f"run.dir={run_dir}"])
+            config = load(path, [f"data.shards={args.train_shards}", f"run.dir={run_dir}", *args.set])
             torch.manual_seed(config.run.seed)  # the initial weights the trainer starts from
             random_init = ssl.build(config, 1, 1).backbone_for_eval()
             before = knn_top1(random_init, config, args.train_shards, args.test_shards)
