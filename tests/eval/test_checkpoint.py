@@ -81,7 +81,7 @@ def test_eval_knn_on_released_dino_weights(fashion_shards, tmp_path, capsys):
     rows = json.loads((tmp_path / "results.json").read_text())["knn"]
     assert [row["k"] for row in rows] == [10, 20, 100, 200]
     # The same protocol computed here, on features of the model we saved, with ImageNet statistics (DINO's).
-    transform, stats = EvalTransform(round(32 * 256 / 224), 32), dict(channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    transform, stats = EvalTransform.at(32), dict(channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     train, test = (extract(model, read_index(fashion_shards / split), transform, **stats, limit=320) for split in ("train", "test"))
     expected = knn_classify_multi_k(*train, *test)
     for row in rows:

@@ -59,12 +59,12 @@ def knn_predict(train_features, train_labels, test_features, ks=(20,), temperatu
     (IndexFlatIP) with max(ks) neighbours serves every k; it runs on the GPU when FAISS sees one.
 
     Memory: the index holds the normalised train set (N_train x D float32); our own chunks stay
-    under `max_memory_mb`, and FAISS and BLAS add their fixed work buffers (about 130 MB on a
-    2-core CPU, see benchmarks/knn_memory.py). Features are never copied whole: the index is
-    filled and the test set searched in chunks normalised on the fly, so a memory-mapped
-    1.28M x 768 train set needs its 3.9 GB index, the budget and those buffers. Chunks below a few thousand queries slow FAISS's CPU search down a
-    lot (per-call overhead, and its non-BLAS path for small batches), so keep the budget generous.
-    FAISS uses `num_threads` OpenMP threads; default: the cores this process may run on.
+    under `max_memory_mb`, and FAISS's and BLAS's work buffers come on top (a few MB at
+    1.28M x 768, see benchmarks/knn_memory.py). Features are never copied whole: the index is
+    filled and the test set searched in chunks normalised on the fly. Chunks below a few
+    thousand queries slow FAISS's CPU search down a lot (per-call overhead, and its non-BLAS
+    path for small batches), so keep the budget generous. FAISS uses `num_threads` OpenMP
+    threads; default: the cores this process may run on.
     """
     train_features, test_features = feature_rows(train_features, "train"), feature_rows(test_features, "test")
     train_labels = checked_labels(train_labels, len(train_features), "train")

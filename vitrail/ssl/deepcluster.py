@@ -46,7 +46,7 @@ class DeepClusterConfig(BaseModel):
 
     def eval_transform(self) -> EvalTransform:
         """The features that get clustered: resize by 256/224 of the crop, centre crop."""
-        return EvalTransform(round(self.crop_size * 256 / 224), self.crop_size)
+        return EvalTransform.at(self.crop_size)
 
 
 def pca_whiten(features: np.ndarray, dim: int) -> np.ndarray:
