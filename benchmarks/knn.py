@@ -6,15 +6,23 @@
     test set in 100 chunks, each a matmul against the whole train set, topk, the neighbours'
     labels gathered, a (chunk * k, classes) one-hot scaled by exp(sim / T) and summed;
 (b) the same with 1024-query chunks and a scatter-add of the votes (this project's tuned torch);
-(c) vitrail's `knn_predict` (FAISS IndexFlatIP).
-All three run on the same clustered float32 features with the same number of threads, must
-give identical predictions, and are timed end to end (normalisation, search, votes); the best
-of `--repeats` runs is kept because other processes may share the CPU.
+(c) vitrail's `knn_predict` (FAISS IndexFlatIP);
+(d) the same in a fresh process that imports faiss plainly, leaving its bundled OpenBLAS to
+    detect the CPU (what vitrail did before `vitrail.eval.faiss_blas`; on a CPU that OpenBLAS
+    does not know, its SSE3 'Prescott' kernels).
+All run on the same clustered float32 features with the same number of threads, must give
+identical predictions, and are timed end to end (normalisation, search, votes); the best of
+`--repeats` runs is kept because other processes may share the CPU.
 """
 
 import argparse
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +59,38 @@ def chunked_torch_predict(train_features, train_labels, test_features, k, temper
             1, train_labels[neighbours], (similarities / temperature).exp())
         predictions.append(votes.sort(dim=1, descending=True, stable=True).indices[:, :min(5, k)])
     return torch.cat(predictions)
+
+
+PLAIN_FAISS = """
+import json, sys, time
+import faiss, torch
+from threadpoolctl import threadpool_info
+from vitrail.eval import knn
+folder, k, temperature, classes, threads, repeats = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+knn.faiss = faiss  # the module as `import faiss` gives it, in place of vitrail's loader
+torch.set_num_threads(threads)
+train, labels, test = (torch.load(f"{folder}/{name}.pt") for name in ("train", "labels", "test"))
+seconds = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    predictions = knn.knn_predict(train, labels, test, (k,), temperature, classes, num_threads=threads)[k]
+    seconds.append(time.perf_counter() - start)
+torch.save(predictions, f"{folder}/plain.pt")
+kernels = next(pool["architecture"] for pool in threadpool_info() if "faiss" in pool["filepath"] and pool["internal_api"] == "openblas")
+print(json.dumps({"seconds": min(seconds), "kernels": kernels}))
+"""
+
+
+def plain_faiss_time(train_features, train_labels, test_features, k, temperature, num_classes, threads, repeats):
+    """(seconds, predictions, OpenBLAS kernels) of `knn_predict` in a fresh process whose faiss was imported plainly."""
+    env = {name: value for name, value in os.environ.items() if name != "OPENBLAS_CORETYPE"}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, tensor in (("train", train_features), ("labels", train_labels), ("test", test_features)):
+            torch.save(tensor, Path(folder) / f"{name}.pt")
+        result = subprocess.run([sys.executable, "-c", PLAIN_FAISS, folder, str(k), str(temperature), str(num_classes),
+                                 str(threads), str(repeats)], env=env, check=True, capture_output=True, text=True)
+        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        return measured["seconds"], torch.load(Path(folder) / "plain.pt"), measured["kernels"]
 
 
 def best_time(run, repeats):
@@ -92,6 +132,10 @@ def main():
         "DINO eval_knn.py reference (100 chunks)": lambda: dino_reference_predict(*protocol),
     }
     timings = {name: best_time(run, args.repeats) for name, run in runs.items()}
+    plain_seconds, plain_predictions, plain_kernels = plain_faiss_time(*protocol[:3], args.k, args.temperature,
+                                                                       args.classes, threads, args.repeats)
+    timings[f"FAISS IndexFlatIP, faiss imported plainly (its OpenBLAS: {plain_kernels} kernels)"] = (
+        plain_seconds, plain_predictions)
     (faiss_name, (faiss_seconds, faiss_predictions)), *others = timings.items()
     for name, (_, predictions) in others:
         if not torch.equal(faiss_predictions, predictions):
@@ -99,8 +143,11 @@ def main():
             raise SystemExit(f"FAISS and {name} disagree on {differing} of {args.queries} queries")
 
     top1 = 100.0 * (faiss_predictions[:, 0] == test_labels).float().mean().item()
+    from threadpoolctl import threadpool_info
+    kernels = next(pool["architecture"] for pool in threadpool_info()
+                   if "faiss" in pool["filepath"] and pool["internal_api"] == "openblas")
     print(f"{args.train} x {args.dim} train, {args.queries} queries, k={args.k}, {threads} threads, "
-          f"top-1 {top1:.2f} %, predictions identical\n")
+          f"top-1 {top1:.2f} %, predictions identical; vitrail's FAISS runs OpenBLAS's {kernels} kernels\n")
     print("| method | seconds | queries/s | FAISS speed-up over it |\n|---|---:|---:|---:|")
     for name, (seconds, _) in reversed(timings.items()):
         print(f"| {name} | {seconds:.2f} | {args.queries / seconds:,.0f} | {seconds / faiss_seconds:.2f}x |")

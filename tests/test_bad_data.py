@@ -144,3 +144,20 @@ def test_ray_dataset_counts_a_missing_shard(ray_cluster, bad_shards, tmp_path):
     in_last_shard = sum(key >= f"train{SAMPLES - SHARD_SIZE:07d}" for key in bad)
     assert sum(int(batch["skipped"].sum()) for batch in batches) == len(bad) - in_last_shard + SHARD_SIZE
     assert sum(len(batch["key"]) for batch in batches) == SAMPLES - SHARD_SIZE - (len(bad) - in_last_shard)
+
+
+def test_ray_counts_a_shard_that_yields_no_image(ray_cluster, bad_shards, tmp_path):
+    """A tar cut inside its first sample gives its task no row to count on: a carrier row takes the count."""
+    from vitrail.pipelines.stream import ray_dataset, without_carriers
+
+    root, bad = bad_shards
+    folder = tmp_path / "train"
+    shutil.copytree(root / "train", folder)
+    index = shards.read_index(folder)
+    assert len(_truncate_mid_member(folder / index.shards[0]["name"], SHARD_SIZE)) == SHARD_SIZE
+    dataset = ray_dataset(index, MultiCrop(global_size=28, local_size=14, num_local=0), seed=0, channels=1, epochs=range(1))
+    batches = list(without_carriers(dataset.iter_batches(batch_size=BATCH, batch_format="numpy")))
+    in_first_shard = sum(key < f"train{SHARD_SIZE:07d}" for key in bad)
+    assert sum(int(batch["skipped"].sum()) for batch in batches) == len(bad) - in_first_shard + SHARD_SIZE
+    keys = np.concatenate([batch["key"] for batch in batches])
+    assert len(keys) == SAMPLES - SHARD_SIZE - (len(bad) - in_first_shard) and "" not in set(keys)

@@ -18,7 +18,7 @@ from vitrail.launch.config import Config, RaySection, from_dict
 from vitrail.launch.loop import Schedule, Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker
 from vitrail.pipelines.shards import read_index
-from vitrail.pipelines.stream import ingest_options, ray_dataset
+from vitrail.pipelines.stream import ingest_options, ray_dataset, without_carriers
 
 # Single-machine runs stay on loopback: Ray's single-machine mode (else Ray swaps 127.0.0.1 for the
 # outward address; read when `ray` is first imported), and torch.distributed's own store and sockets.
@@ -65,7 +65,7 @@ def _worker_loop(loop_config: dict) -> None:
                                  local_shuffle_seed=config.run.seed + trainer.step)
     tracker = Tracker(config.run.dir, config.run.tracking, loop_config["config"]) if rank == 0 else None
     try:
-        trainer.fit(batches, report=tracker.log if tracker else None)
+        trainer.fit(without_carriers(batches), report=tracker.log if tracker else None)
     finally:
         if tracker is not None:
             sync_command = tracker.close()

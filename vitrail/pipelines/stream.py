@@ -7,7 +7,8 @@ identically under Ray Train and in the local launcher.
 Bad data is skipped and counted, never fatal: an undecodable image, a sample lost in a
 truncated tar (declared in index.json, never read) and a missing shard all add to the
 `skipped` column of a view batch (the count rides on its first row), which the training
-loop sums into the `data/skipped` metric.
+loop sums into the `data/skipped` metric. A Ray task whose shard gave no image at all sends
+its count on a blank carrier row, removed by `without_carriers` before training.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import random
 import warnings
 from functools import partial
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ log = logging.getLogger("vitrail.data")
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 _IMAGE_EXTENSIONS = sorted(set(IMAGE_EXTENSIONS.values()))
 _LOGGED_KEYS = 5
+CARRIER_KEY = ""  # see `_count_carrier`
 
 
 def decode(data: bytes, channels: int) -> torch.Tensor:
@@ -124,9 +126,34 @@ def _shard_task(rows: dict, recipe, seed: int, epoch: int, channels: int, batch_
             if "key" in columns:
                 yield columns
             elif columns["skipped"]:
-                # No row to carry the count to in this task: logged, missing from `data/skipped`.
-                log.warning("shard %s: %d skipped samples go uncounted, the shard held no decodable image",
-                            path, columns["skipped"])
+                yield _count_carrier(recipe, seed, epoch, channels, columns["skipped"])
+
+
+def _count_carrier(recipe, seed: int, epoch: int, channels: int, skipped: int) -> dict:
+    """A blank row, views of the recipe's shapes, whose only use is to carry `skipped` out of a
+    task that read no image: a task's output is rows, and a count rides on one. Its key is
+    empty, which no sample's is; `without_carriers` takes it out before training."""
+    columns = recipe([torch.zeros((channels, 8, 8), dtype=torch.uint8)], [CARRIER_KEY], seed, epoch)
+    columns["key"] = np.asarray([CARRIER_KEY], dtype=object)
+    columns["label"] = np.asarray([-1], dtype=np.int64)
+    columns["skipped"] = np.asarray([skipped], dtype=np.int64)
+    return columns
+
+
+def without_carriers(batches: Iterable[dict]) -> Iterator[dict]:
+    """Ray Data's batches without `_count_carrier` rows, their counts moved to the next real row."""
+    carried = 0
+    for batch in batches:
+        real = batch["key"] != CARRIER_KEY
+        if real.all() and not carried:
+            yield batch
+            continue
+        carried += int(batch["skipped"][~real].sum())
+        batch = {name: column[real] for name, column in batch.items()}  # copies: Ray's arrays are read-only
+        if len(batch["key"]):
+            batch["skipped"][0] += carried
+            carried = 0
+            yield batch
 
 
 def _carry_missing(shards: list[tuple[str, int]]) -> list[dict]:

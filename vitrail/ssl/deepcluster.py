@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from torch import nn
 
 from vitrail import backbones
 from vitrail.errors import VitrailError
+from vitrail.eval.faiss_blas import faiss
 from vitrail.pipelines.views import EvalTransform, SingleCrop, key_ids, sample_generator
 
 
