@@ -180,3 +180,66 @@ def test_shards_are_read_by_webdataset_itself(fashion_shards):
     assert sorted(theirs) == sorted(ours)
     for key, sample in theirs.items():
         assert sample["png"] == ours[key]["png"] and sample["cls"] == ours[key]["cls"]
+
+
+def test_shards_written_by_webdataset_are_indexed_in_place_and_trained_on(tmp_path, capsys):
+    """Shards another tool wrote (webdataset's own TarWriter, `.jpeg` and `.png` members, keys
+    with dots and folders) get an index.json in place, then stream like ours."""
+    import webdataset as wds
+
+    from vitrail.launch.cli import main
+    from vitrail.launch.config import from_dict
+    from vitrail.launch.local import pretrain
+    from vitrail.pipelines.stream import local_batches
+    from vitrail.pipelines.views import MultiCrop
+
+    from conftest import tiny_config_tree
+
+    images, labels = load_fashion_mnist("train")
+    folder = tmp_path / "existing" / "train"
+    folder.mkdir(parents=True)
+    for shard in range(3):
+        with wds.TarWriter(str(folder / f"part-{shard:05d}.tar")) as writer:
+            for number in range(shard * 50, shard * 50 + 40 + shard):
+                encoded = io.BytesIO()
+                Image.fromarray(images[number]).save(encoded, format="JPEG" if number % 2 else "PNG")
+                image = {"jpeg" if number % 2 else "png": encoded.getvalue()}
+                writer.write({"__key__": f"class.{number % 3}/img{number:05d}", **image,
+                              "cls": str(int(labels[number])).encode()})
+    assert main(["shard", "index", str(folder), "--workers", "2"]) == 0
+    index = shards.read_index(folder)
+    assert [shard["samples"] for shard in index.shards] == [40, 41, 42]
+    assert index.classes == [str(label) for label in range(int(max(labels[:142])) + 1)]
+    assert main(["shard", "verify", str(folder)]) == 0
+    assert main(["shard", "index", str(folder)]) == 0 and "nothing to do" in capsys.readouterr().out
+
+    recipe = MultiCrop(global_size=28, local_size=14, num_local=0)
+    batches = list(local_batches(index, recipe, seed=0, channels=1, batch_size=41, epochs=1, shuffle=False,
+                                 drop_last=False))
+    read = {int(key[-5:]): int(label) for batch in batches for key, label in zip(batch["key"], batch["label"])}
+    expected = {number: int(labels[number]) for shard in range(3) for number in range(shard * 50, shard * 50 + 40 + shard)}
+    assert read == expected and sum(int(batch["skipped"].sum()) for batch in batches) == 0
+
+    root = tmp_path / "existing"
+    (root / "test").symlink_to(folder)
+    run_dir = tmp_path / "run"
+    pretrain(from_dict(tiny_config_tree(root, run_dir, optim={"max_steps": 2, "batch_size": 16})), progress=False)
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_indexing_a_truncated_shard_names_it(tmp_path):
+    import webdataset as wds
+
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "a.tar")) as writer:
+        for number in range(20):
+            writer.write({"__key__": f"s{number:03d}", "png": shards.encode_png(np.full((8, 8), number, np.uint8)),
+                          "cls": b"1"})
+    data = (folder / "a.tar").read_bytes()
+    (folder / "a.tar").write_bytes(data[: len(data) // 2])
+    with pytest.raises(VitrailError, match=r"a\.tar cannot be read whole .* after \d+ samples"):
+        shards.index_existing(folder, log=lambda message: None)
+    assert not (folder / shards.INDEX).exists()
+    with pytest.raises(VitrailError, match="holds no .tar shards"):
+        shards.index_existing(tmp_path / "nothing", log=lambda message: None)

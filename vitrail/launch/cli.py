@@ -20,6 +20,8 @@ def _shard(args) -> None:
     elif args.source == "list":
         samples, classes = shards.list_samples(args.src)
         shards.write_shards(samples[: args.limit], classes, args.out, args.shard_size, args.workers)
+    elif args.source == "index":
+        shards.index_existing(args.out, args.workers)
     elif args.source == "verify":
         index = shards.verify(args.out)
         print(f"{index.folder}: {len(index.shards)} shards, {index.num_samples} samples, every sha256 matches")
@@ -142,8 +144,9 @@ def parser() -> argparse.ArgumentParser:
                                    "shard images, pretrain with DINO on Ray, evaluate frozen features with FAISS k-NN.")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    shard = commands.add_parser("shard", help="write or verify webdataset shards", description="Write images as webdataset "
-                                "tar shards plus index.json (counts, classes, sha256), or verify a shard folder. "
+    shard = commands.add_parser("shard", help="write, index or verify webdataset shards", description="Write images as "
+                                "webdataset tar shards plus index.json (counts, classes, sha256), index shards made "
+                                "elsewhere, or verify a shard folder. "
                                 "Re-running on a complete folder does nothing; a partial one is finished.")
     sources = shard.add_subparsers(dest="source", required=True, metavar="SOURCE")
     for name, text in (("fashion-mnist", "Fashion-MNIST's idx files to OUT/train and OUT/test"),
@@ -163,6 +166,12 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
         sub.add_argument("--limit", type=int, default=None, help="keep only the first N samples (per split)")
         sub.set_defaults(run=_shard)
+    existing = sources.add_parser("index", help="index webdataset shards made elsewhere, in place",
+                                  description="Write index.json (samples per shard, sha256, classes from the "
+                                  "integer .cls labels) for the *.tar webdataset shards in OUT, without copying them.")
+    existing.add_argument("out", help="folder holding the .tar shards")
+    existing.add_argument("--workers", type=int, default=1, help="processes reading shards in parallel (default 1)")
+    existing.set_defaults(run=_shard)
     verify = sources.add_parser("verify", help="re-check every shard's sha256 against index.json",
                                 description="Re-check every shard's presence and sha256 against index.json.")
     verify.add_argument("out", help="shard folder holding index.json")

@@ -1,4 +1,4 @@
-"""Write and verify webdataset shards.
+"""Write, index and verify webdataset shards.
 
 A shard folder holds `shard-000000.tar ...` and `index.json` (samples per shard, class
 names, sha256 per shard). Each sample is `KEY.<ext>` (the image in its original encoding)
@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from vitrail.errors import VitrailError
+from vitrail.pipelines.reader import ShardStream
 
 INDEX = "index.json"
 PROGRESS = "progress.jsonl"
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".ppm": "ppm"}
+# Member extensions read as images: ours, plus those other webdataset writers use.
+READ_EXTENSIONS = {extension.lstrip(".") for extension in IMAGE_EXTENSIONS}
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,55 @@ def verify(folder: str | os.PathLike) -> ShardIndex:
     if problems:
         raise VitrailError("shard verification failed: " + "; ".join(problems))
     return index
+
+
+def index_existing(folder: str | os.PathLike, workers: int = 1, log: Callable[[str], None] = print) -> ShardIndex:
+    """Write index.json for webdataset shards made elsewhere (`*.tar` in `folder`, sorted by name),
+    in place: no image is copied. Each shard is read once to count its samples and gather its
+    `.cls` labels (integers; classes become "0".."max"); a shard that can't be read whole is
+    named in the error, since index.json must declare what the shards hold."""
+    folder = Path(folder)
+    if (folder / INDEX).exists():
+        index = read_index(folder)
+        log(f"{folder}: already indexed ({index.num_samples} samples in {len(index.shards)} shards), nothing to do")
+        return index
+    paths = sorted(folder.glob("*.tar")) if folder.is_dir() else []
+    if not paths:
+        raise VitrailError(f"{folder} holds no .tar shards to index")
+    if workers > 1 and len(paths) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers) as pool:
+            scans = list(pool.map(_scan_shard, paths))
+    else:
+        scans = [_scan_shard(path) for path in paths]
+    labels = max(scan.pop("max_label") for scan in scans)
+    without_image = sum(scan.pop("without_image") for scan in scans)
+    if without_image:
+        log(f"{folder}: {without_image} samples have no image member ({', '.join(sorted(READ_EXTENSIONS))}); "
+            "training skips and counts them")
+    index = {"classes": [str(label) for label in range(labels + 1)], "num_samples": sum(s["samples"] for s in scans),
+             "shards": scans}
+    (folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    log(f"{folder}: indexed {index['num_samples']} samples in {len(scans)} shards")
+    return read_index(folder)
+
+
+def _scan_shard(path: Path) -> dict:
+    stream = ShardStream(path, 0)
+    max_label, without_image = -1, 0
+    for sample in stream:
+        without_image += not READ_EXTENSIONS & sample.keys()
+        if "cls" in sample:
+            try:
+                max_label = max(max_label, int(sample["cls"]))
+            except ValueError:
+                raise VitrailError(f"{path}: sample {sample['__key__']!r} has a non-integer .cls label "
+                                   f"{sample['cls'][:20]!r}") from None
+    if stream.error is not None:
+        raise VitrailError(f"{path} cannot be read whole ({stream.error}) after {stream.read} samples; "
+                           "repair or remove it, then index again")
+    return {"name": path.name, "samples": stream.read, "sha256": sha256_file(path), "max_label": max_label,
+            "without_image": without_image}
 
 
 def folder_samples(source: str | os.PathLike) -> tuple[list[Sample], list[str]]:

@@ -26,12 +26,12 @@ from torchvision.io import ImageReadMode, decode_image
 
 from vitrail.errors import VitrailError
 from vitrail.pipelines.reader import ShardStream
-from vitrail.pipelines.shards import IMAGE_EXTENSIONS, ShardIndex
+from vitrail.pipelines.shards import READ_EXTENSIONS, ShardIndex
 
 log = logging.getLogger("vitrail.data")
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec, which decodes no still images yet.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
-_IMAGE_EXTENSIONS = sorted(set(IMAGE_EXTENSIONS.values()))
+_IMAGE_EXTENSIONS = sorted(READ_EXTENSIONS)
 _LOGGED_KEYS = 5
 CARRIER_KEY = ""  # see `_count_carrier`
 
