@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vitrail.hardware import CPUINFO, cpu_flags
+
 # OpenBLAS kernel families by the instructions their sgemm needs, widest first.
 _CORETYPES = (
     ("SkylakeX", {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}),
@@ -22,14 +24,9 @@ _CORETYPES = (
 )
 
 
-def openblas_coretype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """The OpenBLAS core type for this CPU's flags, or None where they can't be read (not Linux)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return None
-    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")),
-                 set())
+def openblas_coretype(cpuinfo: Path = CPUINFO) -> str | None:
+    """The OpenBLAS core type for this CPU's flags, or None where no family fits or they can't be read."""
+    flags = cpu_flags(cpuinfo)
     return next((coretype for coretype, needed in _CORETYPES if needed <= flags), None)
 
 

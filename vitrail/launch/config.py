@@ -25,8 +25,8 @@ class RunSection(Section):
     dir: str = "runs/default"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: bf16 autocast on CUDA, fp32 on CPU. bf16 on a CPU pays off only where it has bf16
-    # matrix units (AMX, AVX512-BF16): 1.4x per iBOT demo step on this project's Xeon.
+    # auto: bf16 autocast on CUDA and on CPUs with AMX (1.4x per iBOT demo step on a Xeon with it),
+    # fp32 on other CPUs, where bf16 runs at half speed (vitrail.hardware.cpu_has_bf16_matrix_units).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")

@@ -19,6 +19,7 @@ from vitrail import ssl
 from vitrail.errors import VitrailError
 from vitrail.eval.features import extract
 from vitrail.eval.online import OnlineMonitor
+from vitrail.hardware import cpu_has_bf16_matrix_units
 from vitrail.launch import checkpoints, sync_batchnorm
 from vitrail.launch.config import Config
 from vitrail.pipelines.shards import ShardIndex, read_index
@@ -85,7 +86,8 @@ class Trainer:
         self.step = 0
         self.views = config.method.views()
         precision = config.run.precision
-        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.autocast = precision == "bf16" or (precision == "auto" and (
+            self.device.type == "cuda" or cpu_has_bf16_matrix_units()))
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict:
