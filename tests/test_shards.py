@@ -243,3 +243,6 @@ def test_indexing_a_truncated_shard_names_it(tmp_path):
     assert not (folder / shards.INDEX).exists()
     with pytest.raises(VitrailError, match="holds no .tar shards"):
         shards.index_existing(tmp_path / "nothing", log=lambda message: None)
+    (folder / shards.PROGRESS).write_text("")
+    with pytest.raises(VitrailError, match="partial shard set"):
+        shards.index_existing(folder, log=lambda message: None)

@@ -184,6 +184,9 @@ def index_existing(folder: str | os.PathLike, workers: int = 1, log: Callable[[s
         index = read_index(folder)
         log(f"{folder}: already indexed ({index.num_samples} samples in {len(index.shards)} shards), nothing to do")
         return index
+    if (folder / PROGRESS).exists():
+        raise VitrailError(f"{folder} is a partial shard set that `vitrail shard` was writing: re-run that command "
+                           "to finish it")
     paths = sorted(folder.glob("*.tar")) if folder.is_dir() else []
     if not paths:
         raise VitrailError(f"{folder} holds no .tar shards to index")
