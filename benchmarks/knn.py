@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vitrail.eval.faiss_blas import openblas_kernels
 from vitrail.eval.knn import knn_predict
 
 
@@ -63,11 +64,11 @@ def chunked_torch_predict(train_features, train_labels, test_features, k, temper
 
 PLAIN_FAISS = """
 import json, sys, time
-import faiss, torch
-from threadpoolctl import threadpool_info
+import faiss  # before vitrail: its OpenBLAS loads as plain `import faiss` leaves it, whatever vitrail sets later
+import torch
 from vitrail.eval import knn
+from vitrail.eval.faiss_blas import openblas_kernels
 folder, k, temperature, classes, threads, repeats = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-knn.faiss = faiss  # the module as `import faiss` gives it, in place of vitrail's loader
 torch.set_num_threads(threads)
 train, labels, test = (torch.load(f"{folder}/{name}.pt") for name in ("train", "labels", "test"))
 seconds = []
@@ -76,8 +77,7 @@ for _ in range(repeats):
     predictions = knn.knn_predict(train, labels, test, (k,), temperature, classes, num_threads=threads)[k]
     seconds.append(time.perf_counter() - start)
 torch.save(predictions, f"{folder}/plain.pt")
-kernels = next(pool["architecture"] for pool in threadpool_info() if "faiss" in pool["filepath"] and pool["internal_api"] == "openblas")
-print(json.dumps({"seconds": min(seconds), "kernels": kernels}))
+print(json.dumps({"seconds": min(seconds), "kernels": openblas_kernels()}))
 """
 
 
@@ -143,11 +143,8 @@ def main():
             raise SystemExit(f"FAISS and {name} disagree on {differing} of {args.queries} queries")
 
     top1 = 100.0 * (faiss_predictions[:, 0] == test_labels).float().mean().item()
-    from threadpoolctl import threadpool_info
-    kernels = next(pool["architecture"] for pool in threadpool_info()
-                   if "faiss" in pool["filepath"] and pool["internal_api"] == "openblas")
     print(f"{args.train} x {args.dim} train, {args.queries} queries, k={args.k}, {threads} threads, "
-          f"top-1 {top1:.2f} %, predictions identical; vitrail's FAISS runs OpenBLAS's {kernels} kernels\n")
+          f"top-1 {top1:.2f} %, predictions identical; vitrail's FAISS runs OpenBLAS's {openblas_kernels()} kernels\n")
     print("| method | seconds | queries/s | FAISS speed-up over it |\n|---|---:|---:|---:|")
     for name, (seconds, _) in reversed(timings.items()):
         print(f"| {name} | {seconds:.2f} | {args.queries / seconds:,.0f} | {seconds / faiss_seconds:.2f}x |")

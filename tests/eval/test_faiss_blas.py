@@ -9,10 +9,8 @@ from vitrail.eval.faiss_blas import openblas_coretype
 
 PROBE = """
 import json, os
-from threadpoolctl import threadpool_info
-from vitrail.eval.faiss_blas import faiss
-faiss_blas = [pool for pool in threadpool_info() if pool["internal_api"] == "openblas" and "faiss" in pool["filepath"]]
-print(json.dumps({"architecture": faiss_blas[0]["architecture"], "env": os.environ.get("OPENBLAS_CORETYPE")}))
+from vitrail.eval.faiss_blas import openblas_kernels
+print(json.dumps({"architecture": openblas_kernels(), "env": os.environ.get("OPENBLAS_CORETYPE")}))
 """
 
 

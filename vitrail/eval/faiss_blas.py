@@ -44,3 +44,12 @@ def _import_faiss():
 
 
 faiss = _import_faiss()
+
+
+def openblas_kernels() -> str | None:
+    """The kernel family FAISS's OpenBLAS runs ('SkylakeX', 'Haswell', 'Prescott', ...), as OpenBLAS
+    reports it; None for a FAISS built on another BLAS."""
+    from threadpoolctl import threadpool_info
+
+    return next((pool.get("architecture") for pool in threadpool_info()
+                 if pool["internal_api"] == "openblas" and "faiss" in pool["filepath"]), None)
