@@ -27,7 +27,8 @@ def fashion_shards(tmp_path_factory):
 def tiny_config_tree(shards, run_dir, **sections) -> dict:
     """A DINO recipe small enough for seconds on a CPU; keyword sections update it."""
     tree = {
-        "run": {"dir": str(run_dir), "checkpoint_every": 4, "log_every": 2, "tracking": "none"},
+        # fp32 pinned: `auto` would pick bf16 on a CPU with AMX (tests/test_precision_matrix.py runs both).
+        "run": {"dir": str(run_dir), "checkpoint_every": 4, "log_every": 2, "tracking": "none", "precision": "fp32"},
         "data": {"shards": str(shards / "train"), "eval_train_shards": str(shards / "train"),
                  "eval_test_shards": str(shards / "test"), "channels": 1, "mean": [0.286], "std": [0.353]},
         "model": {"backbone": "vit_tiny", "drop_path_rate": 0.1,

@@ -34,8 +34,9 @@ def arguments(name: str) -> list[str]:
     return list(inspect.signature(_REGISTRY[name][0]).parameters)
 
 
-def create(name: str, **overrides) -> nn.Module:
-    """Build backbone `name` with its variant table's kwargs, updated by `overrides`.
+def create(name: str, compiled: bool = False, **overrides) -> nn.Module:
+    """Build backbone `name` with its variant table's kwargs, updated by `overrides`; with
+    `compiled`, its forward runs through torch.compile (`run.compile`).
 
     `drop_path_rate`, which every SSL method passes for its student, is dropped for
     architectures without stochastic depth (ResNet, Mobile-Former) rather than failing.
@@ -45,7 +46,10 @@ def create(name: str, **overrides) -> nn.Module:
     cls, cfg = _REGISTRY[name]
     if "drop_path_rate" not in arguments(name):
         overrides.pop("drop_path_rate", None)
-    return cls(**{**cfg, **overrides})
+    model = cls(**{**cfg, **overrides})
+    if compiled:
+        model.compile()  # in place: the state-dict keys stay the backbone's own (no `_orig_mod.`)
+    return model
 
 
 def is_token_model(model: nn.Module) -> bool:

@@ -89,6 +89,7 @@ def _seeded(build):
 
 def _vitrail_checkpoint(file: Path, state: dict) -> Checkpoint:
     config = from_dict(state["config"], f"config stored in {file}")
+    config.run.compile = False  # one pass over the evaluation data would not repay a compilation
 
     def build():
         return ssl.build(config, steps_per_epoch=1, total_steps=1)

@@ -17,6 +17,7 @@ from vitrail.errors import VitrailError
 from vitrail.pipelines.shards import ShardIndex
 from vitrail.pipelines.stream import local_batches
 from vitrail.pipelines.views import EvalTransform, normalize
+from vitrail.precision import autocast, float32_norms
 
 FEATURE_MODES = ("cls", "last4", "cls_avgpool")
 
@@ -55,8 +56,9 @@ def frozen_features(backbone: nn.Module, images: torch.Tensor, mode: str = "cls"
 
 def embed_images(backbone: nn.Module, images: torch.Tensor, mean, std, device="cpu", mode: str = "cls") -> torch.Tensor:
     """(B, F) float32 CPU features of uint8 images (B, C, S, S): normalised on `device`, bf16 autocast on CUDA."""
-    device_type = torch.device(device).type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+    device = torch.device(device)
+    float32_norms(backbone)
+    with autocast(device, device.type == "cuda"):
         return frozen_features(backbone, normalize(images.to(device), mean, std), mode).float().cpu()
 
 

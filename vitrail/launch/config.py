@@ -26,8 +26,11 @@ class RunSection(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 autocast on CUDA and on CPUs with AMX (1.4x per iBOT demo step on a Xeon with it),
-    # fp32 on other CPUs, where bf16 runs at half speed (vitrail.hardware.cpu_has_bf16_matrix_units).
+    # fp32 on other CPUs, where bf16 runs at half speed (vitrail.precision.uses_bf16).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile of every backbone (inductor); off by default: on the demo it did not pay for
+    # its compile time on a 2-core CPU (BENCHMARKS.md, "torch.compile").
+    compile: bool = False
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     log_every: int = Field(10, ge=1)

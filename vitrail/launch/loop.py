@@ -19,9 +19,9 @@ from vitrail import ssl
 from vitrail.errors import VitrailError
 from vitrail.eval.features import extract
 from vitrail.eval.online import OnlineMonitor
-from vitrail.hardware import cpu_has_bf16_matrix_units
 from vitrail.launch import checkpoints, sync_batchnorm
 from vitrail.launch.config import Config
+from vitrail.precision import autocast, float32_norms, uses_bf16
 from vitrail.pipelines.shards import ShardIndex, read_index
 from vitrail.ssl.schedules import cosine
 
@@ -82,12 +82,11 @@ class Trainer:
         if world_size > 1 and config.model.sync_batchnorm:
             # Student and EMA teacher alike: both normalise by batch statistics in training mode.
             self.method = sync_batchnorm.convert(self.method, self.device)
+        float32_norms(self.method)  # after the conversion, which on CUDA builds new BatchNorm layers
         self.optimizer = torch.optim.AdamW(parameter_groups(self.method))
         self.step = 0
         self.views = config.method.views()
-        precision = config.run.precision
-        self.autocast = precision == "bf16" or (precision == "auto" and (
-            self.device.type == "cuda" or cpu_has_bf16_matrix_units()))
+        self.autocast = uses_bf16(config.run.precision, self.device)
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -142,7 +141,7 @@ class Trainer:
     def train_step(self, model: nn.Module, batch: dict) -> dict[str, float]:
         logged = self.set_schedules()
         views = self.views.to_device(batch, self.device, self.config.data.mean, self.config.data.std)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with autocast(self.device, self.autocast):
             loss, metrics = model(views, self.step)
         if not torch.isfinite(loss):
             raise VitrailError(

@@ -46,6 +46,6 @@ def trained_crop_size(method_config) -> int:
 
 def build(config, steps_per_epoch: int, total_steps: int) -> nn.Module:
     _, method = METHODS[config.method.name]
-    backbone_kwargs = {"in_chans": config.data.channels, **config.model.kwargs}
+    backbone_kwargs = {"in_chans": config.data.channels, **config.model.kwargs, "compiled": config.run.compile}
     return method(config.method, config.model.backbone, backbone_kwargs, steps_per_epoch,
                   total_steps, drop_path_rate=config.model.drop_path_rate)

@@ -52,7 +52,8 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_norm=norm_last_layer)
 
     def forward(self, x, freeze_last_layer: bool = False):
-        x = F.normalize(self.mlp(x), dim=-1, p=2)
+        # The l2-normalisation in float32, as CUDA autocast runs `norm` (CPU autocast would keep bf16).
+        x = F.normalize(self.mlp(x).float(), dim=-1, p=2)
         return self.last_layer(x, frozen=freeze_last_layer)
 
 
@@ -69,6 +70,6 @@ class IBOTHead(DINOHead):
 
     def forward_tokens(self, cls: torch.Tensor, patches: torch.Tensor, freeze_last_layer: bool = False):
         """cls (B, D), patches (B, N, D) -> (B, out_dim), (B, N, patch_out_dim)."""
-        patches = F.normalize(self.mlp(patches), dim=-1, p=2)
+        patches = F.normalize(self.mlp(patches).float(), dim=-1, p=2)
         last_layer = self.patch_last_layer or self.last_layer
         return self(cls, freeze_last_layer), last_layer(patches, frozen=freeze_last_layer)
