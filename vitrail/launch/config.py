@@ -43,6 +43,9 @@ class DataSection(Section):
     mean: list[float] = [0.485, 0.456, 0.406]
     std: list[float] = [0.229, 0.224, 0.225]
     shuffle_buffer: int = Field(2048, ge=0, description="samples in the local shuffle buffer")
+    # Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS); checked from the header, before decoding.
+    max_image_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are skipped and counted")
+    verify: bool = Field(False, description="check each shard's sha256 against index.json when first read")
 
     @model_validator(mode="after")
     def _stats_match_channels(self):

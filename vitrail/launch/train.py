@@ -80,7 +80,8 @@ def _view_dataset(config_tree: dict, workers: int):
     index = read_index(config.data.shards)
     start_epoch = first_epoch(config, index.num_samples, workers)
     return ray_dataset(index, config.method.views(), config.run.seed, config.data.channels,
-                       range(start_epoch, config.optim.epochs), object_store_mb=config.ray.object_store_mb)
+                       range(start_epoch, config.optim.epochs), object_store_mb=config.ray.object_store_mb,
+                       max_pixels=config.data.max_image_pixels, verify=config.data.verify)
 
 
 def check_resources(settings: RaySection, available: dict, where: str) -> None:

@@ -209,7 +209,7 @@ def index_existing(folder: str | os.PathLike, workers: int = 1, log: Callable[[s
 
 
 def _scan_shard(path: Path) -> dict:
-    stream = ShardStream(path, 0)
+    stream = ShardStream(path, None)
     max_label, without_image = -1, 0
     for sample in stream:
         without_image += not READ_EXTENSIONS & sample.keys()
