@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vitrail.errors import VitrailError
-from vitrail.pipelines import shards
+from vitrail.pipelines import shards, sources
 from vitrail.pipelines.datasets import load_fashion_mnist
 
 
@@ -40,7 +40,7 @@ def test_fashion_mnist_round_trip(fashion_shards):
 
 def test_rerun_is_noop_and_shards_are_byte_identical(tmp_path):
     images, labels = load_fashion_mnist("test")
-    samples = shards.array_samples(images[:300], labels[:300], "test")
+    samples = sources.array_samples(images[:300], labels[:300], "test")
     first = shards.write_shards(samples, ["a"] * 10, tmp_path / "a", shard_size=100)
     again = shards.write_shards(samples, ["a"] * 10, tmp_path / "a", shard_size=100)
     other = shards.write_shards(samples, ["a"] * 10, tmp_path / "b", shard_size=100)
@@ -51,7 +51,7 @@ def test_rerun_is_noop_and_shards_are_byte_identical(tmp_path):
 
 def test_partial_folder_is_detected_and_finished(tmp_path):
     images, labels = load_fashion_mnist("test")
-    samples = shards.array_samples(images[:300], labels[:300], "test")
+    samples = sources.array_samples(images[:300], labels[:300], "test")
     reference = shards.write_shards(samples, ["x"], tmp_path / "ref", shard_size=100)
     out = tmp_path / "partial"
     shards.write_shards(samples, ["x"], out, shard_size=100)
@@ -72,7 +72,7 @@ def test_partial_folder_is_detected_and_finished(tmp_path):
 
 def test_verify_names_the_corrupt_shard(tmp_path):
     images, labels = load_fashion_mnist("test")
-    shards.write_shards(shards.array_samples(images[:20], labels[:20], "t"), ["x"], tmp_path, shard_size=10)
+    shards.write_shards(sources.array_samples(images[:20], labels[:20], "t"), ["x"], tmp_path, shard_size=10)
     with open(tmp_path / "shard-000001.tar", "r+b") as handle:
         handle.seek(600)
         handle.write(b"\xff")
@@ -89,7 +89,8 @@ def test_folder_of_class_subfolders(tmp_path):
         (source / name).mkdir(parents=True)
         for number in range(3):
             Image.fromarray(np.full((8, 8, 3), 40 * number + label, np.uint8)).save(source / name / f"im.{number}.jpg")
-    samples, classes = shards.folder_samples(source)
+    samples, classes, problems = sources.folder_samples(source)
+    assert problems == []
     assert classes == ["cat", "dog"] and len(samples) == 6
     index = shards.write_shards(samples, classes, tmp_path / "out", shard_size=4)
     back = _read_back(tmp_path / "out")
@@ -103,7 +104,7 @@ def test_missing_folder_errors(tmp_path):
     with pytest.raises(VitrailError, match=str(tmp_path / "nope")):
         shards.read_index(tmp_path / "nope")
     with pytest.raises(VitrailError, match="no class sub-folders"):
-        shards.folder_samples(tmp_path)
+        sources.folder_samples(tmp_path)
 
 
 def _write_pngs(folder, count):
@@ -134,10 +135,10 @@ def test_file_list_with_labels_relative_and_absolute_paths(tmp_path):
 def test_file_list_integer_labels_tabs_and_no_labels(tmp_path):
     _write_pngs(tmp_path / "pics", 3)
     (tmp_path / "ints.tsv").write_text("pics/im0.png\t2\npics/im1.png\t0\n\n# a comment\npics/im2.png\t2\n")
-    samples, classes = shards.list_samples(tmp_path / "ints.tsv")
+    samples, classes = sources.list_samples(tmp_path / "ints.tsv")
     assert classes == ["0", "1", "2"] and [s.label for s in samples] == [2, 0, 2]
     (tmp_path / "bare.txt").write_text("pics/im0.png\npics/im2.png\n")
-    samples, classes = shards.list_samples(tmp_path / "bare.txt")
+    samples, classes = sources.list_samples(tmp_path / "bare.txt")
     assert classes == [] and [s.label for s in samples] == [-1, -1]
     assert samples[1].load() == (tmp_path / "pics" / "im2.png").read_bytes()
 
@@ -146,15 +147,15 @@ def test_file_list_errors_name_the_line(tmp_path):
     _write_pngs(tmp_path / "pics", 2)
     (tmp_path / "missing.txt").write_text("pics/im0.png\npics/im9.png\n")
     with pytest.raises(VitrailError, match=r"missing.txt:2: image .*im9.png does not exist"):
-        shards.list_samples(tmp_path / "missing.txt")
+        sources.list_samples(tmp_path / "missing.txt")
     (tmp_path / "mixed.txt").write_text("pics/im0.png,1\npics/im1.png\n")
     with pytest.raises(VitrailError, match="mixed.txt:2: every line needs a label"):
-        shards.list_samples(tmp_path / "mixed.txt")
+        sources.list_samples(tmp_path / "mixed.txt")
     (tmp_path / "text.txt").write_text("notes.txt\n")
     with pytest.raises(VitrailError, match="text.txt:1: 'notes.txt' is not an image"):
-        shards.list_samples(tmp_path / "text.txt")
+        sources.list_samples(tmp_path / "text.txt")
     with pytest.raises(VitrailError, match="cannot read file list"):
-        shards.list_samples(tmp_path / "nope.txt")
+        sources.list_samples(tmp_path / "nope.txt")
 
 
 def test_folder_sharded_twice_is_byte_identical_and_a_killed_run_resumes(tmp_path):

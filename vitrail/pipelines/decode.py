@@ -32,6 +32,21 @@ class UndecodableImage(ValueError):
 
 def decode(data: bytes, channels: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Encoded image bytes -> (channels, H, W) uint8; raises UndecodableImage saying why."""
+    pixels = _pixels(data, _MODES[channels], max_pixels)  # (H, W) or (H, W, 3), read-only
+    height, width = pixels.shape[:2]
+    # One copy, into a writable tensor laid out channels first.
+    chw = torch.empty((channels, height, width), dtype=torch.uint8)
+    chw.numpy()[...] = pixels.reshape(height, width, channels).transpose(2, 0, 1)
+    return chw
+
+
+def check(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Raise UndecodableImage unless `data` decodes whole, in its own mode, within `max_pixels`."""
+    _pixels(data, None, max_pixels)
+
+
+def _pixels(data: bytes, mode: str | None, max_pixels: int) -> np.ndarray | None:
+    """The pixels of `data` converted to `mode` (None: only decoded, nothing returned)."""
     if max_pixels > Image.MAX_IMAGE_PIXELS:
         # Pillow refuses images over twice its limit inside Image.open, before we could look:
         # a user who allows larger images raises it (in this process) to theirs.
@@ -41,7 +56,10 @@ def decode(data: bytes, channels: int, max_pixels: int = MAX_IMAGE_PIXELS) -> to
             width, height = image.size
             if width * height > max_pixels:
                 raise UndecodableImage(f"{width}x{height} pixels exceed data.max_image_pixels ({max_pixels:,})")
-            pixels = np.asarray(image.convert(_MODES[channels]))  # (H, W) or (H, W, 3), read-only
+            if mode is None:
+                image.load()
+                return None
+            return np.asarray(image.convert(mode))
     except UndecodableImage:
         raise
     except Image.DecompressionBombError as error:  # over twice Pillow's limit, so over ours as well
@@ -49,7 +67,3 @@ def decode(data: bytes, channels: int, max_pixels: int = MAX_IMAGE_PIXELS) -> to
     except Exception as error:  # noqa: BLE001 - codecs fed hostile bytes raise OSError, SyntaxError,
         # struct.error, IndexError...; each one means this image is unusable, never that the run is.
         raise UndecodableImage(f"{type(error).__name__}: {error}") from None
-    # One copy, into a writable tensor laid out channels first.
-    chw = torch.empty((channels, height, width), dtype=torch.uint8)
-    chw.numpy()[...] = pixels.reshape(height, width, channels).transpose(2, 0, 1)
-    return chw

@@ -161,7 +161,7 @@ def _epoch_shards(index: ShardIndex, seed: int, epoch: int, shuffle: bool, verif
 
 
 def _shard_task(rows: dict, recipe, seed: int, epoch: int, channels: int, batch_size: int, max_pixels: int,
-                attempts) -> Iterator[dict]:
+                attempts, retries: int) -> Iterator[dict]:
     """Ray Data map task: one shard's row (`ShardRead`'s fields and "carried") -> its view batches."""
     import ray
 
@@ -169,8 +169,8 @@ def _shard_task(rows: dict, recipe, seed: int, epoch: int, channels: int, batch_
     for number, carried in enumerate(rows["carried"]):
         shard = ShardRead(str(rows["path"][number]), int(rows["declared"][number]), str(rows["sha256"][number]),
                           bool(rows["verify"][number]))
-        if ray.get(attempts.start.remote(epoch, shard.path)) > VIEW_TASK_RETRIES:
-            raise VitrailError(f"shard {shard.path}: its view task died {VIEW_TASK_RETRIES + 1} times (killed, out of "
+        if ray.get(attempts.start.remote(epoch, shard.path)) == retries:  # the last start Ray allows
+            raise VitrailError(f"shard {shard.path}: its view task died {retries} times (killed, out of "
                                "memory, or a crash in native code; see the Ray worker logs): the run stops here")
         for columns in shard_views(shard, recipe, seed, epoch, channels, batch_size, int(carried), max_pixels):
             if "key" in columns:
@@ -252,9 +252,10 @@ def ingest_options(object_store_mb: int | None):
 
 def ray_dataset(index: ShardIndex, recipe, seed: int, channels: int, epochs: range, shuffle: bool = True,
                 view_batch_size: int = 16, object_store_mb: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-                verify: bool = False):
+                verify: bool = False, task_retries: int = VIEW_TASK_RETRIES):
     """A Ray dataset streaming the views of `epochs` back to back: one map task per shard, shards
-    reshuffled per epoch. With `verify`, each shard's sha256 is checked when the first epoch reads it."""
+    reshuffled per epoch. With `verify`, each shard's sha256 is checked when the first epoch reads it.
+    A shard whose task dies `task_retries` times fails the dataset, named (a VitrailError)."""
     import ray
     import ray.data
 
@@ -270,8 +271,8 @@ def ray_dataset(index: ShardIndex, recipe, seed: int, channels: int, epochs: ran
         shards = ray.data.from_items(rows, override_num_blocks=len(rows))
         per_epoch.append(shards.map_batches(
             partial(_shard_task, recipe=recipe, seed=seed, epoch=epoch, channels=channels, batch_size=view_batch_size,
-                    max_pixels=max_pixels, attempts=attempts),
-            batch_size=1, batch_format="numpy", max_retries=VIEW_TASK_RETRIES,
+                    max_pixels=max_pixels, attempts=attempts, retries=task_retries),
+            batch_size=1, batch_format="numpy", max_retries=task_retries,
         ))
     return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]
 
