@@ -170,8 +170,9 @@ def _shard_task(rows: dict, recipe, seed: int, epoch: int, channels: int, batch_
         shard = ShardRead(str(rows["path"][number]), int(rows["declared"][number]), str(rows["sha256"][number]),
                           bool(rows["verify"][number]))
         if ray.get(attempts.start.remote(epoch, shard.path)) == retries:  # the last start Ray allows
-            raise VitrailError(f"shard {shard.path}: its view task died {retries} times (killed, out of "
-                               "memory, or a crash in native code; see the Ray worker logs): the run stops here")
+            raise VitrailError(f"shard {shard.path}: its view task died (killed, out of memory, or a crash in "
+                               f"native code; see the Ray worker logs), and so did every retry ({retries}): the run "
+                               "stops here")
         for columns in shard_views(shard, recipe, seed, epoch, channels, batch_size, int(carried), max_pixels):
             if "key" in columns:
                 yield columns
