@@ -1,8 +1,12 @@
 import io
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +251,96 @@ def test_indexing_a_truncated_shard_names_it(tmp_path):
     (folder / shards.PROGRESS).write_text("")
     with pytest.raises(VitrailError, match="partial shard set"):
         shards.index_existing(folder, log=lambda message: None)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("samples", None, "shards[1].samples must be a non-negative integer, got None"),
+    ("samples", -3, "shards[1].samples must be a non-negative integer, got -3"),
+    ("samples", True, "shards[1].samples must be a non-negative integer, got True"),
+    ("name", "../elsewhere.tar", "shards[1].name must be a file name inside the shard folder"),
+    ("name", "/etc/passwd", "shards[1].name must be a file name inside the shard folder"),
+    ("sha256", "abc", "shards[1].sha256 must be 64 lowercase hex digits"),
+])
+def test_index_fields_are_validated_naming_file_and_field(fashion_shards, tmp_path, field, value, named):
+    tree = json.loads((fashion_shards / "train" / "index.json").read_text())
+    if value is None:
+        del tree["shards"][1][field]
+    else:
+        tree["shards"][1][field] = value
+    (tmp_path / "index.json").write_text(json.dumps(tree))
+    with pytest.raises(VitrailError, match=re.escape(f"{tmp_path / 'index.json'}: {named}")):
+        shards.read_index(tmp_path)
+
+
+def test_index_totals_and_classes_are_validated(fashion_shards, tmp_path):
+    tree = json.loads((fashion_shards / "train" / "index.json").read_text())
+    for edit, named in (({"num_samples": 641}, "num_samples must be the sum of the shards' samples (640)"),
+                        ({"classes": "t-shirt"}, "classes must be a list of class names"),
+                        ({"shards": {"name": "x.tar"}}, "shards must be a list")):
+        (tmp_path / "index.json").write_text(json.dumps({**tree, **edit}))
+        with pytest.raises(VitrailError, match=re.escape(named)):
+            shards.read_index(tmp_path)
+
+
+def _unusable_inputs(source):
+    """A class folder of 6 real Fashion-MNIST PNGs plus one input of every unusable kind a root
+    process meets; returns the names the summary must give."""
+    from test_bad_data import bomb_png, flipped_png
+
+    image = load_fashion_mnist("test")[0][0]
+    _write_pngs(source / "shirt", 6)
+    (source / "shirt" / "flipped.png").write_bytes(flipped_png(image))
+    (source / "shirt" / "bomb.png").write_bytes(bomb_png(image))
+    (source / "shirt" / "dangling.png").symlink_to(source / "gone.png")
+    os.mkfifo(source / "shirt" / "fifo.png")  # reading it would block for ever
+    return ["flipped.png (undecodable", "bomb.png (undecodable", "dangling.png (dangling symlink",
+            "fifo.png (not a regular file)"]
+
+
+def test_shard_folder_skips_unusable_inputs_named_and_counted_or_stops_with_strict(tmp_path, capsys):
+    from vitrail.launch.cli import main
+
+    named = _unusable_inputs(tmp_path / "images")
+    assert main(["shard", "folder", str(tmp_path / "images"), str(tmp_path / "strict"), "--decode", "--strict"]) == 2
+    error = capsys.readouterr().err
+    assert "2 input images cannot be sharded (--strict)" in error and all(name in error for name in named[2:])
+    assert not (tmp_path / "strict" / "index.json").exists()
+    _write_pngs(tmp_path / "decodable" / "shirt", 6)
+    (tmp_path / "decodable" / "shirt" / "z.png").symlink_to(tmp_path / "images" / "shirt" / "flipped.png")
+    stopped = tmp_path / "stopped"
+    assert main(["shard", "folder", str(tmp_path / "decodable"), str(stopped), "--decode", "--strict",
+                 "--shard-size", "4"]) == 2  # listed fine: the writer of the shard holding z.png stops
+    assert "z.png (undecodable" in capsys.readouterr().err
+    assert not list(stopped.glob("*.tmp")) and not (stopped / "index.json").exists()
+    assert main(["shard", "folder", str(tmp_path / "images"), str(tmp_path / "out"), "--decode", "--shard-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 4 input images" in out and all(name in out for name in named)
+    index = shards.verify(tmp_path / "out", shards.Screening(decode=True))
+    assert index.num_samples == 6 and index.skipped == 4 and not list((tmp_path / "out").glob("*.tmp"))
+    assert main(["shard", "folder", str(tmp_path / "images"), str(tmp_path / "out"), "--decode"]) == 0  # complete: a no-op
+    assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops from root to nobody with setpriv")
+def test_unreadable_folder_and_file_are_named_and_counted(tmp_path):
+    """Root reads everything, so the command runs as nobody, for whom chmod 000 is real."""
+    shared = Path(tempfile.mkdtemp(prefix="vitrail-unreadable-"))
+    try:
+        shared.chmod(0o777)
+        _write_pngs(shared / "images" / "coat", 3)
+        _write_pngs(shared / "images" / "locked", 2)
+        (shared / "images" / "locked").chmod(0o000)
+        (shared / "images" / "coat" / "im1.png").chmod(0o000)
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                               "vitrail.launch.cli", "shard", "folder", str(shared / "images"), str(shared / "out")],
+                              capture_output=True, text=True, timeout=120, cwd=shared,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        assert done.returncode == 0, done.stderr
+        assert "skipped 2 input images" in done.stdout and "Traceback" not in done.stderr
+        assert f"{shared / 'images' / 'locked'} (unreadable folder: Permission denied)" in done.stdout
+        assert f"{shared / 'images' / 'coat' / 'im1.png'} (unreadable: Permission denied)" in done.stdout
+        index = json.loads((shared / "out" / "index.json").read_text())
+        assert index["num_samples"] == 2 and index["skipped"] == 2 and not list((shared / "out").glob("*.tmp"))
+    finally:
+        (shared / "images" / "locked").chmod(0o755)
+        shutil.rmtree(shared)
