@@ -273,6 +273,7 @@ def ray_dataset(index: ShardIndex, recipe, seed: int, channels: int, epochs: ran
         per_epoch.append(shards.map_batches(
             partial(_shard_task, recipe=recipe, seed=seed, epoch=epoch, channels=channels, batch_size=view_batch_size,
                     max_pixels=max_pixels, attempts=attempts, retries=task_retries),
+            # Ray 2.60 takes max_retries only through ray_remote_args (deprecated for 2.64, no named parameter yet).
             batch_size=1, batch_format="numpy", max_retries=task_retries,
         ))
     return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]
