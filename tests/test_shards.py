@@ -239,7 +239,7 @@ def test_indexing_a_truncated_shard_names_it(tmp_path):
     folder.mkdir()
     with wds.TarWriter(str(folder / "a.tar")) as writer:
         for number in range(20):
-            writer.write({"__key__": f"s{number:03d}", "png": shards.encode_png(np.full((8, 8), number, np.uint8)),
+            writer.write({"__key__": f"s{number:03d}", "png": sources.encode_png(np.full((8, 8), number, np.uint8)),
                           "cls": b"1"})
     data = (folder / "a.tar").read_bytes()
     (folder / "a.tar").write_bytes(data[: len(data) // 2])

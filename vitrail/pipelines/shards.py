@@ -64,15 +64,22 @@ class Screening:
 
     def report(self, problems: list[str], log: Callable[[str], None]) -> None:
         """Stop on `problems` when strict, else log them as skipped."""
-        if not problems:
-            return
-        listed = "; ".join(problems[:LISTED]) + (f"; and {len(problems) - LISTED} more" if len(problems) > LISTED else "")
-        if self.strict:
-            raise VitrailError(f"{len(problems)} input images cannot be sharded (--strict): {listed}")
-        log(f"skipped {len(problems)} input images: {listed}")
+        if problems and self.strict:
+            raise refusal(problems)
+        if problems:
+            log(f"skipped {len(problems)} input images: {listed(problems)}")
 
 
-LISTED = 20  # problems named in a message; the count covers them all
+def refusal(problems: list[str]) -> VitrailError:
+    return VitrailError(f"{len(problems)} input images cannot be sharded (--strict): {listed(problems)}")
+
+
+_LISTED = 20  # problems named in a message; the count covers them all
+
+
+def listed(problems: list[str]) -> str:
+    more = len(problems) - _LISTED
+    return "; ".join(problems[:_LISTED]) + (f"; and {more} more" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,7 @@ def _write_shard(path: Path, samples: Sequence[Sample], screening: Screening) ->
                 _add_member(tar, f"{sample.key}.{sample.ext}", data)
                 _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
         if problems and screening.strict:
-            screening.report(problems, print)
+            raise refusal(problems)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -274,8 +281,7 @@ def verify(folder: str | os.PathLike, screening: Screening = Screening()) -> Sha
         if screening.decode:
             problems.extend(_screen_shard(path, shard["samples"], screening))
     if problems:
-        listed = "; ".join(problems[:LISTED]) + (f"; and {len(problems) - LISTED} more" if len(problems) > LISTED else "")
-        raise VitrailError(f"shard verification failed, {len(problems)} problems: {listed}")
+        raise VitrailError(f"shard verification failed, {len(problems)} problems: {listed(problems)}")
     return index
 
 

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from vitrail.errors import VitrailError
-from vitrail.pipelines.shards import IMAGE_EXTENSIONS, LISTED, Sample
+from vitrail.pipelines.shards import IMAGE_EXTENSIONS, Sample, listed
 
 
 def read_regular_file(path: Path) -> bytes:
@@ -53,7 +53,10 @@ def folder_samples(source: str | os.PathLike) -> tuple[list[Sample], list[str], 
     source = Path(source)
     if not source.is_dir():
         raise VitrailError(f"image folder {source} does not exist")
-    classes = sorted(entry.name for entry in source.iterdir() if entry.is_dir())
+    try:
+        classes = sorted(entry.name for entry in source.iterdir() if entry.is_dir())
+    except OSError as error:
+        raise VitrailError(f"cannot read image folder {source}: {error.strerror}") from None
     if not classes:
         raise VitrailError(f"image folder {source} has no class sub-folders")
     samples, problems = [], []
@@ -63,7 +66,7 @@ def folder_samples(source: str | os.PathLike) -> tuple[list[Sample], list[str], 
                                   partial(read_regular_file, path), str(path)))
     if not samples:
         raise VitrailError(f"image folder {source} holds no readable images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-                           + (f": {'; '.join(problems[:LISTED])}" if problems else ""))
+                           + (f": {listed(problems)}" if problems else ""))
     return samples, classes, problems
 
 
