@@ -1,9 +1,15 @@
-"""Bad data never stops a run: corrupt JPEGs, a truncated tar and a missing shard are skipped,
-and `data/skipped` counts exactly the samples lost, in the local launcher and under Ray."""
+"""Bad data never stops a run: damaged images of every kind (flipped-byte and truncated PNG,
+corrupt JPEG, truncated WebP, a decompression-bomb header), a truncated tar and a missing shard
+are skipped, and `data/skipped` counts exactly the samples lost, in the local launcher and
+under Ray. What must stop a run stops it, naming the shard."""
 
+import io
 import json
+import os
 import shutil
+import struct
 import tarfile
+import zlib
 from functools import partial
 
 import numpy as np
@@ -11,10 +17,13 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg
 
+from PIL import Image
+
 from vitrail.errors import VitrailError
 from vitrail.launch.config import from_dict
 from vitrail.pipelines import shards
 from vitrail.pipelines.datasets import load_fashion_mnist
+from vitrail.pipelines.decode import UndecodableImage, decode
 from vitrail.pipelines.reader import ShardStream
 from vitrail.pipelines.stream import local_batches
 from vitrail.pipelines.views import MultiCrop
@@ -28,11 +37,63 @@ TRUNCATED_SHARD = 5
 LOST_IN_TAR = 32 - CORRUPT
 
 
-def _corrupt(jpeg: bytes, number: int) -> bytes:
-    """Half a JPEG, or one with a garbled header: both undecodable."""
-    if number % 2:
-        return jpeg[: len(jpeg) // 2]
-    return jpeg[:2] + b"garbage!" * 8 + jpeg[66:]
+def _encoded(image: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def _png_chunk(png: bytes, kind: bytes) -> tuple[int, int]:
+    """(offset, length) of the first chunk of `kind`: its data starts 8 bytes after the offset."""
+    offset = 8  # the PNG signature
+    while png[offset + 4:offset + 8] != kind:
+        offset += 12 + struct.unpack(">I", png[offset:offset + 4])[0]
+    return offset, struct.unpack(">I", png[offset:offset + 4])[0]
+
+
+def _with_crc(png: bytearray, offset: int, length: int) -> bytes:
+    """`png` with the CRC of the chunk at `offset` recomputed, so only the data itself is wrong."""
+    png[offset + 8 + length:offset + 12 + length] = struct.pack(">I", zlib.crc32(png[offset + 4:offset + 8 + length]))
+    return bytes(png)
+
+
+def flipped_png(image: np.ndarray) -> bytes:
+    """One flipped byte in the compressed image data (CRC made to match): libpng fails mid-image."""
+    png = bytearray(_encoded(image, "PNG"))
+    offset, length = _png_chunk(png, b"IDAT")
+    png[offset + 8 + length // 2] ^= 0x01
+    return _with_crc(png, offset, length)
+
+
+def truncated_png(image: np.ndarray) -> bytes:
+    """Image data that stops short."""
+    png = _encoded(image, "PNG")
+    offset, length = _png_chunk(png, b"IDAT")
+    return png[:offset + 8 + length // 2]
+
+
+def bomb_png(image: np.ndarray) -> bytes:
+    """A real PNG whose header claims 100000 x 100000 pixels (10 G, 10 GB decoded)."""
+    png = bytearray(_encoded(image, "PNG"))
+    offset, length = _png_chunk(png, b"IHDR")
+    png[offset + 8:offset + 16] = struct.pack(">II", 100_000, 100_000)
+    return _with_crc(png, offset, length)
+
+
+def corrupt_jpeg(image: np.ndarray) -> bytes:
+    """Bytes flipped in the JPEG's tables and frame header."""
+    jpeg = _encoded(image, "JPEG")
+    return jpeg[:2] + bytes(byte ^ 0xFF for byte in jpeg[2:66]) + jpeg[66:]
+
+
+def truncated_webp(image: np.ndarray) -> bytes:
+    webp = _encoded(image, "WEBP")
+    return webp[: len(webp) // 2]
+
+
+# Every kind of damaged image, with the extension its sample carries.
+DAMAGED = {"flipped png": (flipped_png, "png"), "truncated png": (truncated_png, "png"),
+           "bomb png": (bomb_png, "png"), "corrupt jpeg": (corrupt_jpeg, "jpg"), "truncated webp": (truncated_webp, "webp")}
 
 
 def _truncate_mid_member(path, lost: int) -> set[str]:
@@ -50,18 +111,20 @@ def _truncate_mid_member(path, lost: int) -> set[str]:
 
 @pytest.fixture(scope="module")
 def bad_shards(tmp_path_factory):
-    """Real Fashion-MNIST JPEG shards with 1% corrupt images and one truncated tar; returns
-    (shard folder, the keys of every bad sample)."""
+    """Real Fashion-MNIST JPEG shards with 1% damaged images (every kind of DAMAGED, in turn) and
+    one truncated tar; returns (shard folder, the keys of every bad sample)."""
     images, labels = load_fashion_mnist("train")
     rng = np.random.default_rng(0)
     intact = [i for i in range(SAMPLES) if i // SHARD_SIZE != TRUNCATED_SHARD]
     corrupt = set(rng.choice(intact, CORRUPT, replace=False).tolist())
+    damage_of = {number: list(DAMAGED.values())[i % len(DAMAGED)] for i, number in enumerate(sorted(corrupt))}
     samples = []
     for number in range(SAMPLES):
-        jpeg = encode_jpeg(torch.from_numpy(images[number].copy())[None], quality=90).numpy().tobytes()
+        data, ext = encode_jpeg(torch.from_numpy(images[number].copy())[None], quality=90).numpy().tobytes(), "jpg"
         if number in corrupt:
-            jpeg = _corrupt(jpeg, number)
-        samples.append(shards.Sample(f"train{number:07d}", "jpg", int(labels[number]), partial(bytes, jpeg)))
+            damage, ext = damage_of[number]
+            data = damage(images[number])
+        samples.append(shards.Sample(f"train{number:07d}", ext, int(labels[number]), partial(bytes, data)))
     root = tmp_path_factory.mktemp("bad")
     out = root / "train"
     index = shards.write_shards(samples, ["c"] * 10, out, shard_size=SHARD_SIZE, log=lambda message: None)
@@ -74,7 +137,7 @@ def bad_shards(tmp_path_factory):
 
 def _config(root, run_dir, **run):
     good_batches = (SAMPLES - CORRUPT - LOST_IN_TAR) // BATCH
-    return from_dict(tiny_config_tree(root, run_dir, run={"tracking": "none", **run},
+    return from_dict(tiny_config_tree(root, run_dir, run={"tracking": "none", "precision": "fp32", **run},
                                       optim={"epochs": 1, "batch_size": BATCH, "max_steps": good_batches}))
 
 
@@ -161,3 +224,111 @@ def test_ray_counts_a_shard_that_yields_no_image(ray_cluster, bad_shards, tmp_pa
     assert sum(int(batch["skipped"].sum()) for batch in batches) == len(bad) - in_first_shard + SHARD_SIZE
     keys = np.concatenate([batch["key"] for batch in batches])
     assert len(keys) == SAMPLES - SHARD_SIZE - (len(bad) - in_first_shard) and "" not in set(keys)
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGED))
+def test_every_damaged_image_kind_raises_in_the_decoder(kind):
+    """torchvision's decoder segfaulted on the PNGs (this process would die) and allocated what the
+    bomb's header claims; the decoder raises, and refuses the bomb from its header."""
+    image = load_fashion_mnist("train")[0][0]
+    damage, _ = DAMAGED[kind]
+    with pytest.raises(UndecodableImage) as raised:
+        decode(damage(image), channels=1)
+    if kind == "bomb png":
+        # Read from the header: 10 G pixels were never allocated.
+        assert "data.max_image_pixels (89,478,485)" in str(raised.value) and "10000000000 pixels" in str(raised.value)
+
+
+def test_pixel_limit_and_channels_of_intact_images():
+    image = load_fashion_mnist("train")[0][0]  # 28 x 28
+    for image_format in ("PNG", "JPEG", "WEBP"):
+        gray, rgb = decode(_encoded(image, image_format), 1), decode(_encoded(image, image_format), 3)
+        assert gray.shape == (1, 28, 28) and rgb.shape == (3, 28, 28) and gray.dtype == torch.uint8
+    np.testing.assert_array_equal(decode(_encoded(image, "PNG"), 1)[0].numpy(), image)
+    assert decode(_encoded(image, "PNG"), 1, max_pixels=28 * 28).shape == (1, 28, 28)
+    with pytest.raises(UndecodableImage, match="28x28 pixels exceed"):
+        decode(_encoded(image, "PNG"), 1, max_pixels=28 * 28 - 1)
+
+
+def test_verify_decode_names_every_bad_image_and_the_truncated_shard(bad_shards, capsys):
+    from vitrail.launch.cli import main
+
+    root, bad = bad_shards
+    truncated = shards.read_index(root / "train").shards[TRUNCATED_SHARD]["name"]
+    assert main(["shard", "verify", str(root / "train")]) == 2  # only the truncated tar's checksum differs
+    assert "1 problems" in capsys.readouterr().err
+    assert main(["shard", "verify", str(root / "train"), "--decode"]) == 2
+    error = capsys.readouterr().err
+    corrupt_keys = {key for key in bad if f"{key} (" in error}
+    assert len(corrupt_keys) == CORRUPT and f"{truncated} cannot be read whole" in error
+    assert f"{CORRUPT + 2} problems" in error
+
+
+def test_local_verify_names_a_changed_shard_and_counts_extra_samples(bad_shards, tmp_path, caplog):
+    root, _ = bad_shards
+    folder = tmp_path / "train"
+    shutil.copytree(root / "train", folder)
+    recipe = MultiCrop(global_size=28, local_size=14, num_local=0)
+    tree = json.loads((folder / "index.json").read_text())
+    tree["shards"][1]["samples"] -= 5  # index.json declares fewer samples than the tar holds
+    tree["num_samples"] -= 5
+    (folder / "index.json").write_text(json.dumps(tree))
+    index = shards.read_index(folder)
+    batches = list(local_batches(index, recipe, seed=0, channels=1, batch_size=BATCH, epochs=1, shuffle=False))
+    assert sum(int(batch["extra"].sum()) for batch in batches) == 5
+    assert f"{index.shards[1]['name']} holds {SHARD_SIZE} samples, index.json declares {SHARD_SIZE - 5}" in caplog.text
+    path = folder / index.shards[2]["name"]
+    data = bytearray(path.read_bytes())
+    data[600] ^= 0xFF  # inside the first member's image: still a readable tar
+    path.write_bytes(bytes(data))
+    assert next(local_batches(index, recipe, seed=0, channels=1, batch_size=BATCH, shuffle=False))
+    with pytest.raises(VitrailError, match=f"shard {path} has sha256 .*, index.json says"):
+        list(local_batches(index, recipe, seed=0, channels=1, batch_size=BATCH, epochs=1, shuffle=False, verify=True))
+
+
+def test_ray_view_task_that_keeps_dying_fails_naming_its_shard(ray_cluster, fashion_shards):
+    """A task killed outright (os._exit, as by the OOM killer or a native crash) is retried a
+    bounded number of times, then the dataset fails naming the shard, instead of retrying for ever."""
+    from vitrail.pipelines.stream import ray_dataset
+
+    index = shards.read_index(fashion_shards / "train")
+    doomed_key = f"train{2 * 128 + 5:07d}"  # in the third shard of 128
+    multi_crop = MultiCrop(global_size=28, local_size=14, num_local=0)
+
+    def dies_on_doomed_key(images, keys, seed, epoch):
+        if doomed_key in keys:
+            os._exit(1)
+        return multi_crop(images, keys, seed, epoch)
+
+    dataset = ray_dataset(index, dies_on_doomed_key, seed=0, channels=1, epochs=range(1), task_retries=1)
+    with pytest.raises(VitrailError, match=f"shard {index.paths[2]}: its view task died .* every retry \\(1\\)"):
+        list(dataset.iter_batches(batch_size=BATCH, batch_format="numpy"))
+
+
+def test_ray_pretrain_with_verify_stops_naming_a_changed_shard(ray_cluster, fashion_shards, tmp_path):
+    from vitrail.launch.train import pretrain
+
+    shutil.copytree(fashion_shards, tmp_path / "data")
+    index = shards.read_index(tmp_path / "data" / "train")
+    path = tmp_path / "data" / "train" / index.shards[3]["name"]
+    data = bytearray(path.read_bytes())
+    data[600] ^= 0xFF
+    path.write_bytes(bytes(data))
+    tree = tiny_config_tree(tmp_path / "data", tmp_path / "run", run={"tracking": "none", "precision": "fp32"},
+                            data={"verify": True}, optim={"epochs": 1, "batch_size": 32})
+    with pytest.raises(VitrailError, match=f"shard {path} has sha256 .*, index.json says {index.shards[3]['sha256']}"):
+        pretrain(from_dict(tree), dashboard=False)
+
+
+def test_eval_features_skip_every_damaged_image(bad_shards):
+    """`vitrail eval` extracts through the same decoder: the raw-pixel baseline's features cover
+    exactly the intact samples, in shard order."""
+    from vitrail.eval.features import extract
+    from vitrail.pipelines.views import EvalTransform
+
+    root, bad = bad_shards
+    index = shards.read_index(root / "test")
+    features, labels, keys = extract(torch.nn.Flatten(), index, EvalTransform.at(28), 1, [0.286], [0.353],
+                                     return_keys=True)
+    assert keys == sorted(f"train{number:07d}" for number in range(SAMPLES) if f"train{number:07d}" not in bad)
+    assert features.shape == (SAMPLES - len(bad), 28 * 28) and len(labels) == len(keys)

@@ -1,8 +1,12 @@
 import io
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +14,7 @@ import pytest
 from PIL import Image
 
 from vitrail.errors import VitrailError
-from vitrail.pipelines import shards
+from vitrail.pipelines import shards, sources
 from vitrail.pipelines.datasets import load_fashion_mnist
 
 
@@ -40,7 +44,7 @@ def test_fashion_mnist_round_trip(fashion_shards):
 
 def test_rerun_is_noop_and_shards_are_byte_identical(tmp_path):
     images, labels = load_fashion_mnist("test")
-    samples = shards.array_samples(images[:300], labels[:300], "test")
+    samples = sources.array_samples(images[:300], labels[:300], "test")
     first = shards.write_shards(samples, ["a"] * 10, tmp_path / "a", shard_size=100)
     again = shards.write_shards(samples, ["a"] * 10, tmp_path / "a", shard_size=100)
     other = shards.write_shards(samples, ["a"] * 10, tmp_path / "b", shard_size=100)
@@ -51,7 +55,7 @@ def test_rerun_is_noop_and_shards_are_byte_identical(tmp_path):
 
 def test_partial_folder_is_detected_and_finished(tmp_path):
     images, labels = load_fashion_mnist("test")
-    samples = shards.array_samples(images[:300], labels[:300], "test")
+    samples = sources.array_samples(images[:300], labels[:300], "test")
     reference = shards.write_shards(samples, ["x"], tmp_path / "ref", shard_size=100)
     out = tmp_path / "partial"
     shards.write_shards(samples, ["x"], out, shard_size=100)
@@ -72,7 +76,7 @@ def test_partial_folder_is_detected_and_finished(tmp_path):
 
 def test_verify_names_the_corrupt_shard(tmp_path):
     images, labels = load_fashion_mnist("test")
-    shards.write_shards(shards.array_samples(images[:20], labels[:20], "t"), ["x"], tmp_path, shard_size=10)
+    shards.write_shards(sources.array_samples(images[:20], labels[:20], "t"), ["x"], tmp_path, shard_size=10)
     with open(tmp_path / "shard-000001.tar", "r+b") as handle:
         handle.seek(600)
         handle.write(b"\xff")
@@ -89,7 +93,8 @@ def test_folder_of_class_subfolders(tmp_path):
         (source / name).mkdir(parents=True)
         for number in range(3):
             Image.fromarray(np.full((8, 8, 3), 40 * number + label, np.uint8)).save(source / name / f"im.{number}.jpg")
-    samples, classes = shards.folder_samples(source)
+    samples, classes, problems = sources.folder_samples(source)
+    assert problems == []
     assert classes == ["cat", "dog"] and len(samples) == 6
     index = shards.write_shards(samples, classes, tmp_path / "out", shard_size=4)
     back = _read_back(tmp_path / "out")
@@ -103,7 +108,7 @@ def test_missing_folder_errors(tmp_path):
     with pytest.raises(VitrailError, match=str(tmp_path / "nope")):
         shards.read_index(tmp_path / "nope")
     with pytest.raises(VitrailError, match="no class sub-folders"):
-        shards.folder_samples(tmp_path)
+        sources.folder_samples(tmp_path)
 
 
 def _write_pngs(folder, count):
@@ -134,10 +139,10 @@ def test_file_list_with_labels_relative_and_absolute_paths(tmp_path):
 def test_file_list_integer_labels_tabs_and_no_labels(tmp_path):
     _write_pngs(tmp_path / "pics", 3)
     (tmp_path / "ints.tsv").write_text("pics/im0.png\t2\npics/im1.png\t0\n\n# a comment\npics/im2.png\t2\n")
-    samples, classes = shards.list_samples(tmp_path / "ints.tsv")
+    samples, classes = sources.list_samples(tmp_path / "ints.tsv")
     assert classes == ["0", "1", "2"] and [s.label for s in samples] == [2, 0, 2]
     (tmp_path / "bare.txt").write_text("pics/im0.png\npics/im2.png\n")
-    samples, classes = shards.list_samples(tmp_path / "bare.txt")
+    samples, classes = sources.list_samples(tmp_path / "bare.txt")
     assert classes == [] and [s.label for s in samples] == [-1, -1]
     assert samples[1].load() == (tmp_path / "pics" / "im2.png").read_bytes()
 
@@ -146,15 +151,15 @@ def test_file_list_errors_name_the_line(tmp_path):
     _write_pngs(tmp_path / "pics", 2)
     (tmp_path / "missing.txt").write_text("pics/im0.png\npics/im9.png\n")
     with pytest.raises(VitrailError, match=r"missing.txt:2: image .*im9.png does not exist"):
-        shards.list_samples(tmp_path / "missing.txt")
+        sources.list_samples(tmp_path / "missing.txt")
     (tmp_path / "mixed.txt").write_text("pics/im0.png,1\npics/im1.png\n")
     with pytest.raises(VitrailError, match="mixed.txt:2: every line needs a label"):
-        shards.list_samples(tmp_path / "mixed.txt")
+        sources.list_samples(tmp_path / "mixed.txt")
     (tmp_path / "text.txt").write_text("notes.txt\n")
     with pytest.raises(VitrailError, match="text.txt:1: 'notes.txt' is not an image"):
-        shards.list_samples(tmp_path / "text.txt")
+        sources.list_samples(tmp_path / "text.txt")
     with pytest.raises(VitrailError, match="cannot read file list"):
-        shards.list_samples(tmp_path / "nope.txt")
+        sources.list_samples(tmp_path / "nope.txt")
 
 
 def test_folder_sharded_twice_is_byte_identical_and_a_killed_run_resumes(tmp_path):
@@ -234,7 +239,7 @@ def test_indexing_a_truncated_shard_names_it(tmp_path):
     folder.mkdir()
     with wds.TarWriter(str(folder / "a.tar")) as writer:
         for number in range(20):
-            writer.write({"__key__": f"s{number:03d}", "png": shards.encode_png(np.full((8, 8), number, np.uint8)),
+            writer.write({"__key__": f"s{number:03d}", "png": sources.encode_png(np.full((8, 8), number, np.uint8)),
                           "cls": b"1"})
     data = (folder / "a.tar").read_bytes()
     (folder / "a.tar").write_bytes(data[: len(data) // 2])
@@ -246,3 +251,96 @@ def test_indexing_a_truncated_shard_names_it(tmp_path):
     (folder / shards.PROGRESS).write_text("")
     with pytest.raises(VitrailError, match="partial shard set"):
         shards.index_existing(folder, log=lambda message: None)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("samples", None, "shards[1].samples must be a non-negative integer, got None"),
+    ("samples", -3, "shards[1].samples must be a non-negative integer, got -3"),
+    ("samples", True, "shards[1].samples must be a non-negative integer, got True"),
+    ("name", "../elsewhere.tar", "shards[1].name must be a file name inside the shard folder"),
+    ("name", "/etc/passwd", "shards[1].name must be a file name inside the shard folder"),
+    ("sha256", "abc", "shards[1].sha256 must be 64 lowercase hex digits"),
+])
+def test_index_fields_are_validated_naming_file_and_field(fashion_shards, tmp_path, field, value, named):
+    tree = json.loads((fashion_shards / "train" / "index.json").read_text())
+    if value is None:
+        del tree["shards"][1][field]
+    else:
+        tree["shards"][1][field] = value
+    (tmp_path / "index.json").write_text(json.dumps(tree))
+    with pytest.raises(VitrailError, match=re.escape(f"{tmp_path / 'index.json'}: {named}")):
+        shards.read_index(tmp_path)
+
+
+def test_index_totals_and_classes_are_validated(fashion_shards, tmp_path):
+    tree = json.loads((fashion_shards / "train" / "index.json").read_text())
+    for edit, named in (({"num_samples": 641}, "num_samples must be the sum of the shards' samples (640)"),
+                        ({"classes": "t-shirt"}, "classes must be a list of class names"),
+                        ({"shards": {"name": "x.tar"}}, "shards must be a list")):
+        (tmp_path / "index.json").write_text(json.dumps({**tree, **edit}))
+        with pytest.raises(VitrailError, match=re.escape(named)):
+            shards.read_index(tmp_path)
+
+
+def _unusable_inputs(source):
+    """A class folder of 6 real Fashion-MNIST PNGs plus one input of every unusable kind a root
+    process meets; returns the names the summary must give."""
+    from test_bad_data import bomb_png, flipped_png
+
+    image = load_fashion_mnist("test")[0][0]
+    _write_pngs(source / "shirt", 6)
+    (source / "shirt" / "flipped.png").write_bytes(flipped_png(image))
+    (source / "shirt" / "bomb.png").write_bytes(bomb_png(image))
+    (source / "shirt" / "dangling.png").symlink_to(source / "gone.png")
+    os.mkfifo(source / "shirt" / "fifo.png")  # reading it would block for ever
+    return ["flipped.png (undecodable", "bomb.png (undecodable", "dangling.png (dangling symlink",
+            "fifo.png (not a regular file)"]
+
+
+def test_shard_folder_skips_unusable_inputs_named_and_counted_or_stops_with_strict(tmp_path, capsys):
+    from vitrail.launch.cli import main
+
+    named = _unusable_inputs(tmp_path / "images")
+    assert main(["shard", "folder", str(tmp_path / "images"), str(tmp_path / "strict"), "--decode", "--strict"]) == 2
+    error = capsys.readouterr().err
+    assert "2 input images cannot be sharded (--strict)" in error and all(name in error for name in named[2:])
+    assert not (tmp_path / "strict" / "index.json").exists()
+    _write_pngs(tmp_path / "decodable" / "shirt", 6)
+    (tmp_path / "decodable" / "shirt" / "z.png").symlink_to(tmp_path / "images" / "shirt" / "flipped.png")
+    stopped = tmp_path / "stopped"
+    assert main(["shard", "folder", str(tmp_path / "decodable"), str(stopped), "--decode", "--strict",
+                 "--shard-size", "4"]) == 2  # listed fine: the writer of the shard holding z.png stops
+    assert "z.png (undecodable" in capsys.readouterr().err
+    assert not list(stopped.glob("*.tmp")) and not (stopped / "index.json").exists()
+    assert main(["shard", "folder", str(tmp_path / "images"), str(tmp_path / "out"), "--decode", "--shard-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 4 input images" in out and all(name in out for name in named)
+    index = shards.verify(tmp_path / "out", shards.Screening(decode=True))
+    assert index.num_samples == 6 and index.skipped == 4 and not list((tmp_path / "out").glob("*.tmp"))
+    assert main(["shard", "folder", str(tmp_path / "images"), str(tmp_path / "out"), "--decode"]) == 0  # complete: a no-op
+    assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops from root to nobody with setpriv")
+def test_unreadable_folder_and_file_are_named_and_counted(tmp_path):
+    """Root reads everything, so the command runs as nobody, for whom chmod 000 is real."""
+    shared = Path(tempfile.mkdtemp(prefix="vitrail-unreadable-"))
+    try:
+        shared.chmod(0o777)
+        _write_pngs(shared / "images" / "coat", 3)
+        _write_pngs(shared / "images" / "locked", 2)
+        (shared / "images" / "locked").chmod(0o000)
+        (shared / "images" / "coat" / "im1.png").chmod(0o000)
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                               "vitrail.launch.cli", "shard", "folder", str(shared / "images"), str(shared / "out")],
+                              capture_output=True, text=True, timeout=120, cwd=shared,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        assert done.returncode == 0, done.stderr
+        assert "skipped 2 input images" in done.stdout and "Traceback" not in done.stderr
+        assert f"{shared / 'images' / 'locked'} (unreadable folder: Permission denied)" in done.stdout
+        assert f"{shared / 'images' / 'coat' / 'im1.png'} (unreadable: Permission denied)" in done.stdout
+        index = json.loads((shared / "out" / "index.json").read_text())
+        assert index["num_samples"] == 2 and index["skipped"] == 2 and not list((shared / "out").glob("*.tmp"))
+    finally:
+        (shared / "images" / "locked").chmod(0o755)
+        shutil.rmtree(shared)

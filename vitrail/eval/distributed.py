@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vitrail.pipelines.decode import MAX_IMAGE_PIXELS
 from vitrail.pipelines.shards import ShardIndex
 
 
@@ -20,7 +21,8 @@ def shard_groups(index: ShardIndex, workers: int, limit: int | None = None) -> l
 
 
 def ray_feature_batches(backbone, index: ShardIndex, transform, channels: int, mean, std, workers: int,
-                        batch_size: int = 256, limit: int | None = None, mode: str = "cls"):
+                        batch_size: int = 256, limit: int | None = None, mode: str = "cls",
+                        max_pixels: int = MAX_IMAGE_PIXELS):
     """The batches `features.feature_batches` gives, computed by `workers` Ray tasks of one CPU each.
 
     Uses the running Ray cluster, or starts one on 127.0.0.1 (shut down afterwards). Each task
@@ -35,7 +37,7 @@ def ray_feature_batches(backbone, index: ShardIndex, transform, channels: int, m
     try:
         extract_group = ray.remote(num_cpus=1)(_extract_group)
         model = ray.put(backbone.cpu())
-        parts = [extract_group.remote(model, group, transform, channels, mean, std, batch_size, mode)
+        parts = [extract_group.remote(model, group, transform, channels, mean, std, batch_size, mode, max_pixels)
                  for group in shard_groups(index, workers, limit)]
         seen = 0
         for part in parts:
@@ -49,8 +51,9 @@ def ray_feature_batches(backbone, index: ShardIndex, transform, channels: int, m
             ray.shutdown()
 
 
-def _extract_group(backbone, index, transform, channels, mean, std, batch_size, mode):
+def _extract_group(backbone, index, transform, channels, mean, std, batch_size, mode, max_pixels):
     from vitrail.eval.features import extract
 
-    return extract(backbone, index, transform, channels, mean, std, batch_size, return_keys=True, mode=mode)
+    return extract(backbone, index, transform, channels, mean, std, batch_size, return_keys=True, mode=mode,
+                   max_pixels=max_pixels)
 

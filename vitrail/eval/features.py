@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vitrail.errors import VitrailError
+from vitrail.pipelines.decode import MAX_IMAGE_PIXELS
 from vitrail.pipelines.shards import ShardIndex
 from vitrail.pipelines.stream import local_batches
 from vitrail.pipelines.views import EvalTransform, normalize
@@ -64,12 +65,13 @@ def embed_images(backbone: nn.Module, images: torch.Tensor, mean, std, device="c
 
 @torch.no_grad()
 def feature_batches(backbone: nn.Module, index: ShardIndex, transform: EvalTransform, channels: int, mean, std,
-                    batch_size: int = 256, device="cpu", limit: int | None = None, mode: str = "cls"):
+                    batch_size: int = 256, device="cpu", limit: int | None = None, mode: str = "cls",
+                    max_pixels: int = MAX_IMAGE_PIXELS):
     """(features (B, F) float32, labels (B,) int64, keys) numpy batches in shard order, the first `limit` samples."""
     backbone.eval().to(device)
     seen = 0
     for batch in local_batches(index, transform, seed=0, channels=channels, batch_size=batch_size,
-                               shuffle=False, epochs=1, drop_last=False):
+                               shuffle=False, epochs=1, drop_last=False, max_pixels=max_pixels):
         keep = len(batch["label"]) if limit is None else min(len(batch["label"]), limit - seen)
         features = embed_images(backbone, torch.as_tensor(batch["image"][:keep]), mean, std, device, mode).numpy()
         yield features, np.asarray(batch["label"][:keep]), [str(key) for key in batch["key"][:keep]]
@@ -80,12 +82,12 @@ def feature_batches(backbone: nn.Module, index: ShardIndex, transform: EvalTrans
 
 def extract(backbone: nn.Module, index: ShardIndex, transform: EvalTransform, channels: int,
             mean, std, batch_size: int = 256, device="cpu", limit: int | None = None, return_keys: bool = False,
-            mode: str = "cls"):
+            mode: str = "cls", max_pixels: int = MAX_IMAGE_PIXELS):
     """(features (N, F) float32, labels (N,) int64) in shard order, and the N sample keys after
     them with `return_keys`; `limit` keeps the first N samples."""
     features, labels, keys = [], [], []
     for batch_features, batch_labels, batch_keys in feature_batches(backbone, index, transform, channels, mean, std,
-                                                                    batch_size, device, limit, mode):
+                                                                    batch_size, device, limit, mode, max_pixels):
         features.append(batch_features)
         labels.append(batch_labels)
         keys.extend(batch_keys)

@@ -32,11 +32,12 @@ def eval_transform(config) -> EvalTransform:
     return EvalTransform.at(ssl.trained_crop_size(config.method))
 
 
-def decoded_subset(index: ShardIndex, transform: EvalTransform, channels: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `limit` samples of a shard set, eval-cropped: uint8 (N, C, S, S) and labels (N,)."""
+def decoded_subset(index: ShardIndex, transform: EvalTransform, data, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `limit` samples of a shard set (decoded as `data`, the config's section), eval-cropped:
+    uint8 (N, C, S, S) and labels (N,)."""
     images, labels, seen = [], [], 0
-    for batch in local_batches(index, transform, seed=0, channels=channels, batch_size=256,
-                               shuffle=False, epochs=1, drop_last=False):
+    for batch in local_batches(index, transform, seed=0, channels=data.channels, batch_size=256,
+                               shuffle=False, epochs=1, drop_last=False, max_pixels=data.max_image_pixels):
         images.append(torch.from_numpy(batch["image"]))
         labels.append(torch.from_numpy(batch["label"]))
         seen += len(batch["image"])
@@ -112,8 +113,8 @@ class OnlineMonitor:
         settings, data = self.settings, self.config.data
         if self._bank is None:
             bank, queries = self._knn_indexes
-            self._bank = decoded_subset(bank, self.transform, data.channels, settings.knn_train_samples)
-            self._queries = decoded_subset(queries, self.transform, data.channels, settings.knn_test_samples)
+            self._bank = decoded_subset(bank, self.transform, data, settings.knn_train_samples)
+            self._queries = decoded_subset(queries, self.transform, data, settings.knn_test_samples)
         train, test = (features_of(backbone, images, data.mean, data.std, self.device) for images, _ in (self._bank, self._queries))
         accuracy = knn_classify(train, self._bank[1], test, self._queries[1], k=settings.k, temperature=settings.temperature)
         return {"knn/top1": accuracy["top1"], "knn/top5": accuracy["top5"]}
@@ -128,7 +129,7 @@ class OnlineMonitor:
         data = self.config.data
         if self._attention_images is None:
             index = read_index(data.eval_test_shards or data.shards)
-            self._attention_images = decoded_subset(index, self.transform, data.channels, self.settings.attention_images)[0]
+            self._attention_images = decoded_subset(index, self.transform, data, self.settings.attention_images)[0]
         images = self._attention_images
         attention = backbone.last_self_attention(normalize(images.to(self.device), data.mean, data.std))
         grid = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)

@@ -95,9 +95,9 @@ def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, ks=D
 def _batches(model, index: ShardIndex, transform, data, mode, limit, workers, device):
     if workers:
         return ray_feature_batches(model, index, transform, data.channels, data.mean, data.std, workers,
-                                   limit=limit, mode=mode)
+                                   limit=limit, mode=mode, max_pixels=data.max_image_pixels)
     return feature_batches(model, index, transform, data.channels, data.mean, data.std, device=device,
-                           limit=limit, mode=mode)
+                           limit=limit, mode=mode, max_pixels=data.max_image_pixels)
 
 
 def _capacity(index: ShardIndex, limit: int | None) -> int:

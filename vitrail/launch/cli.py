@@ -10,21 +10,25 @@ from vitrail.errors import VitrailError
 
 
 def _shard(args) -> None:
-    from vitrail.pipelines import shards
+    from vitrail.pipelines import shards, sources
 
+    screening = shards.Screening(getattr(args, "strict", False), getattr(args, "decode", False),
+                                 getattr(args, "max_image_pixels", None))
     if args.source == "fashion-mnist":
         shards.shard_fashion_mnist(args.out, root=args.root, shard_size=args.shard_size, limit=args.limit, workers=args.workers)
     elif args.source == "folder":
-        samples, classes = shards.folder_samples(args.src)
-        shards.write_shards(samples[: args.limit], classes, args.out, args.shard_size, args.workers)
+        samples, classes, problems = sources.folder_samples(args.src)
+        shards.write_shards(samples[: args.limit], classes, args.out, args.shard_size, args.workers,
+                            screening=screening, listed_problems=problems)
     elif args.source == "list":
-        samples, classes = shards.list_samples(args.src)
-        shards.write_shards(samples[: args.limit], classes, args.out, args.shard_size, args.workers)
+        samples, classes = sources.list_samples(args.src)
+        shards.write_shards(samples[: args.limit], classes, args.out, args.shard_size, args.workers, screening=screening)
     elif args.source == "index":
         shards.index_existing(args.out, args.workers)
     elif args.source == "verify":
-        index = shards.verify(args.out)
-        print(f"{index.folder}: {len(index.shards)} shards, {index.num_samples} samples, every sha256 matches")
+        index = shards.verify(args.out, screening)
+        decoded = ", every image decodes" if args.decode else ""
+        print(f"{index.folder}: {len(index.shards)} shards, {index.num_samples} samples, every sha256 matches{decoded}")
 
 
 def _pretrain(args) -> None:
@@ -139,6 +143,13 @@ def _backbones(args) -> None:
         print(f"| {name} | {model.embed_dim} | {sum(p.numel() for p in model.parameters()):,} |")
 
 
+def _decode_arguments(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument("--decode", action="store_true", help=f"{what}, with the decoder training uses")
+    command.add_argument("--max-image-pixels", type=int, default=None, help="with --decode: images with more pixels "
+                         "fail, as data.max_image_pixels skips them in training (default: its default, Pillow's "
+                         "decompression-bomb limit)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="vitrail", description="Self-supervised pretraining of vision backbones: "
                                    "shard images, pretrain with DINO on Ray, evaluate frozen features with FAISS k-NN.")
@@ -165,6 +176,10 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
         sub.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
         sub.add_argument("--limit", type=int, default=None, help="keep only the first N samples (per split)")
+        if name != "fashion-mnist":
+            sub.add_argument("--strict", action="store_true", help="stop, naming them, at inputs that cannot be used "
+                             "(unreadable, a dangling symlink, undecodable with --decode) instead of skipping them")
+            _decode_arguments(sub, "leave out (and name) every image that does not decode whole")
         sub.set_defaults(run=_shard)
     existing = sources.add_parser("index", help="index webdataset shards made elsewhere, in place",
                                   description="Write index.json (samples per shard, sha256, classes from the "
@@ -175,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
     verify = sources.add_parser("verify", help="re-check every shard's sha256 against index.json",
                                 description="Re-check every shard's presence and sha256 against index.json.")
     verify.add_argument("out", help="shard folder holding index.json")
+    _decode_arguments(verify, "also read every shard whole and decode every image, naming each that fails "
+                      "(training would skip it) and each shard whose sample count differs from index.json")
     verify.set_defaults(run=_shard)
 
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone", description="Pretrain the backbone and method "

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from vitrail import backbones
 from vitrail.errors import VitrailError
+from vitrail.pipelines.decode import MAX_IMAGE_PIXELS
 from vitrail.ssl import METHODS, MethodConfig
 
 
@@ -46,6 +47,9 @@ class DataSection(Section):
     mean: list[float] = [0.485, 0.456, 0.406]
     std: list[float] = [0.229, 0.224, 0.225]
     shuffle_buffer: int = Field(2048, ge=0, description="samples in the local shuffle buffer")
+    # Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS); checked from the header, before decoding.
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="images with more pixels are skipped and counted")
+    verify: bool = Field(False, description="check each shard's sha256 against index.json when first read")
 
     @model_validator(mode="after")
     def _stats_match_channels(self):

@@ -13,7 +13,8 @@ def pretrain(config: Config, progress: bool = True) -> Trainer:
     trainer = Trainer(config, index.num_samples)
     trainer.resume_if_possible()
     batches = local_batches(index, config.method.views(), config.run.seed, config.data.channels,
-                            config.optim.batch_size, start_epoch=first_epoch(config, index.num_samples, 1))
+                            config.optim.batch_size, start_epoch=first_epoch(config, index.num_samples, 1),
+                            max_pixels=config.data.max_image_pixels, verify=config.data.verify)
     tracker = Tracker(config.run.dir, config.run.tracking, config.model_dump(mode="json"))
     try:
         trainer.fit(batches, report=tracker.log, progress=progress)

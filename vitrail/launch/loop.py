@@ -119,7 +119,7 @@ class Trainer:
         was_training = backbone.training
         data = self.config.data
         features, _, keys = extract(backbone, read_index(data.shards), transform, data.channels, data.mean, data.std,
-                                    device=self.device, return_keys=True)
+                                    device=self.device, return_keys=True, max_pixels=data.max_image_pixels)
         backbone.train(was_training)
         return features, keys
 
@@ -172,7 +172,7 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(self.method, find_unused_parameters=True)
         bar = _progress(self.schedule.stop_step, self.step, enabled=progress and self.rank == 0)
         monitor = OnlineMonitor(self.config, self.device, report, self.schedule.stop_step) if report is not None and self.rank == 0 else None
-        images, skipped, started = 0, 0, time.perf_counter()
+        images, skipped, extra, started = 0, 0, 0, time.perf_counter()
         iterator: Iterator[dict] = iter(batches)
         while self.step < self.schedule.stop_step:
             batch = next(iterator, None)
@@ -183,9 +183,11 @@ class Trainer:
             metrics = self.train_step(model, batch)
             images += len(batch["label"]) * self.world_size
             skipped += int(batch["skipped"].sum())
+            extra += int(batch["extra"].sum())
             if self.step % run.log_every == 0 or self.step == self.schedule.stop_step:
                 elapsed = time.perf_counter() - started
                 metrics.update({"images_per_second": images / elapsed, "data/skipped": self.sum_over_ranks(skipped),
+                                "data/extra_samples": self.sum_over_ranks(extra),
                                 "epoch": self.step / self.schedule.steps_per_epoch})
                 images, started = 0, time.perf_counter()
                 if report is not None and self.rank == 0:

@@ -80,7 +80,8 @@ def _view_dataset(config_tree: dict, workers: int):
     index = read_index(config.data.shards)
     start_epoch = first_epoch(config, index.num_samples, workers)
     return ray_dataset(index, config.method.views(), config.run.seed, config.data.channels,
-                       range(start_epoch, config.optim.epochs), object_store_mb=config.ray.object_store_mb)
+                       range(start_epoch, config.optim.epochs), object_store_mb=config.ray.object_store_mb,
+                       max_pixels=config.data.max_image_pixels, verify=config.data.verify)
 
 
 def check_resources(settings: RaySection, available: dict, where: str) -> None:
@@ -131,5 +132,31 @@ def pretrain(config: Config, dashboard: bool = True) -> Path:
         # Ray Train replaces the dataset's execution options with these: they carry the backpressure budget.
         dataset_config=DataConfig(execution_options=ingest_options(config.ray.object_store_mb)),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as error:
+        found = carried_user_error(error)
+        if found is None:
+            raise
+        raise VitrailError(str(found)) from None
     return run_dir
+
+
+def carried_user_error(error: BaseException) -> VitrailError | None:
+    """The VitrailError inside a Ray failure (a view task's, a training worker's), found through Ray's
+    wrappers: `RayTaskError.cause` is the task's own exception, `WorkerGroupError.worker_failures`
+    maps ranks to theirs. None when the failure holds none."""
+    from ray.exceptions import RayError
+
+    todo, seen = [error], set()
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, VitrailError) and not isinstance(current, RayError):
+            return current
+        linked = [getattr(current, "cause", None), current.__cause__, current.__context__,
+                  *getattr(current, "worker_failures", {}).values()]
+        todo.extend(item for item in linked if isinstance(item, BaseException))
+    return None

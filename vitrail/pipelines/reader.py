@@ -20,15 +20,21 @@ log = logging.getLogger("vitrail.data")
 class ShardStream:
     """Iterate the samples `{"__key__": key, ext: bytes, ...}` of the shard at `path`."""
 
-    def __init__(self, path: str, declared: int):
-        self.path, self.declared = str(path), int(declared)
+    def __init__(self, path: str, declared: int | None):
+        """`declared`: the samples index.json declares for the shard; None while indexing it."""
+        self.path, self.declared = str(path), declared
         self.read = 0
         self.error: str | None = None
 
     @property
     def lost(self) -> int:
         """Declared samples never yielded (valid once iteration has ended)."""
-        return max(0, self.declared - self.read)
+        return 0 if self.declared is None else max(0, self.declared - self.read)
+
+    @property
+    def extra(self) -> int:
+        """Samples yielded beyond the declared count: index.json is stale (valid once iteration has ended)."""
+        return 0 if self.declared is None else max(0, self.read - self.declared)
 
     def __iter__(self) -> Iterator[dict]:
         current: dict | None = None
@@ -56,6 +62,12 @@ class ShardStream:
         if current is not None:
             self.read += 1
             yield current
+        if self.declared is None:
+            return  # indexing: the caller reports what it found
         if self.error is not None or self.lost:
             log.warning("shard %s: read %d of %d samples, %d lost (%s)", self.path, self.read, self.declared,
                         self.lost, self.error or "fewer samples than index.json declares")
+        if self.extra:
+            log.warning("shard %s holds %d samples, index.json declares %d: the %d extra are read and counted in "
+                        "data/extra_samples; re-index the folder to fix its counts", self.path, self.read,
+                        self.declared, self.extra)

@@ -19,8 +19,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 from vitrail.errors import VitrailError
@@ -39,6 +38,48 @@ class Sample:
     ext: str
     label: int
     load: Callable[[], bytes]  # deferred and picklable, so shard workers read their own files
+    source: str = ""           # the file it is read from, named when it cannot be
+
+
+@dataclass(frozen=True)
+class Screening:
+    """What sharding does with an input it cannot use: skip it, named and counted (default), or,
+    `strict`, stop naming it. With `decode`, every image is decoded (within `max_pixels`) too."""
+
+    strict: bool = False
+    decode: bool = False
+    max_pixels: int | None = None  # None: decode.MAX_IMAGE_PIXELS
+
+    def problem(self, data: bytes) -> str | None:
+        """Why the image `data` cannot be used, or None."""
+        if not self.decode:
+            return None
+        from vitrail.pipelines.decode import MAX_IMAGE_PIXELS, UndecodableImage, check
+
+        try:
+            check(data, self.max_pixels or MAX_IMAGE_PIXELS)
+        except UndecodableImage as error:
+            return f"undecodable: {error}"
+        return None
+
+    def report(self, problems: list[str], log: Callable[[str], None]) -> None:
+        """Stop on `problems` when strict, else log them as skipped."""
+        if problems and self.strict:
+            raise refusal(problems)
+        if problems:
+            log(f"skipped {len(problems)} input images: {listed(problems)}")
+
+
+def refusal(problems: list[str]) -> VitrailError:
+    return VitrailError(f"{len(problems)} input images cannot be sharded (--strict): {listed(problems)}")
+
+
+_LISTED = 20  # problems named in a message; the count covers them all
+
+
+def listed(problems: list[str]) -> str:
+    more = len(problems) - _LISTED
+    return "; ".join(problems[:_LISTED]) + (f"; and {more} more" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -46,6 +87,7 @@ class ShardIndex:
     folder: Path
     classes: list[str]
     shards: list[dict]  # [{"name", "samples", "sha256"}]
+    skipped: int = 0    # input images left out when sharding (unreadable, or undecodable with --decode)
 
     @property
     def num_samples(self) -> int:
@@ -70,15 +112,33 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(path: Path, samples: Sequence[Sample]) -> None:
+def _write_shard(path: Path, samples: Sequence[Sample], screening: Screening) -> list[str]:
+    """Write `samples` to the shard at `path`, leaving out those `screening` refuses or that cannot
+    be read; returns why each was left out. No partial file survives an error."""
     temporary = path.with_suffix(".tar.tmp")
-    with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            if "." in sample.key:
-                raise VitrailError(f"sample key {sample.key!r} contains a dot; webdataset would split it")
-            _add_member(tar, f"{sample.key}.{sample.ext}", sample.load())
-            _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
-    os.replace(temporary, path)
+    problems = []
+    try:
+        with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                if "." in sample.key:
+                    raise VitrailError(f"sample key {sample.key!r} contains a dot; webdataset would split it")
+                try:
+                    data = sample.load()
+                except OSError as error:  # unreadable now, though listed (EIO, EACCES, removed since)
+                    problems.append(f"{sample.source or sample.key} (unreadable: {error.strerror or error})")
+                    continue
+                problem = screening.problem(data)
+                if problem:
+                    problems.append(f"{sample.source or sample.key} ({problem})")
+                    continue
+                _add_member(tar, f"{sample.key}.{sample.ext}", data)
+                _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
+        if problems and screening.strict:
+            raise refusal(problems)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return problems
 
 
 def _finished_shards(out: Path) -> dict[str, dict]:
@@ -99,17 +159,25 @@ def _finished_shards(out: Path) -> dict[str, dict]:
 
 
 def write_shards(samples: Sequence[Sample], classes: list[str], out: str | os.PathLike,
-                 shard_size: int = 1000, workers: int = 1, log: Callable[[str], None] = print) -> ShardIndex:
-    """Write `samples` (in the given order) to `out`; a no-op when `out` is already complete."""
+                 shard_size: int = 1000, workers: int = 1, log: Callable[[str], None] = print,
+                 screening: Screening = Screening(), listed_problems: Sequence[str] = ()) -> ShardIndex:
+    """Write `samples` (in the given order) to `out`; a no-op when `out` is already complete.
+
+    Samples that cannot be read (or decoded, with `screening.decode`) are left out, named and
+    counted with `listed_problems` (inputs the listing could not use) in index.json's `skipped`;
+    with `screening.strict` the first shard holding one stops the run, naming them.
+    """
     out = Path(out)
     if (out / INDEX).exists():
         index = read_index(out)
-        if index.num_samples != len(samples) or index.classes != classes:
+        if index.num_samples + index.skipped != len(samples) + len(listed_problems) or index.classes != classes:
             raise VitrailError(f"{out} already holds a different shard set ({index.num_samples} samples); choose another folder")
         log(f"{out}: complete ({index.num_samples} samples in {len(index.shards)} shards), nothing to do")
         return index
     if shard_size < 1:
         raise VitrailError(f"shard size must be at least 1, got {shard_size}")
+    if screening.strict:
+        screening.report(list(listed_problems), log)  # stops before anything is written
     out.mkdir(parents=True, exist_ok=True)
     chunks = [samples[start:start + shard_size] for start in range(0, len(samples), shard_size)]
     names = [f"shard-{number:06d}.tar" for number in range(len(chunks))]
@@ -120,8 +188,8 @@ def write_shards(samples: Sequence[Sample], classes: list[str], out: str | os.Pa
         stale.unlink()
     todo = [(name, chunk) for name, chunk in zip(names, chunks) if name not in finished]
 
-    def finish(name: str, count: int) -> None:
-        record = {"name": name, "samples": count, "sha256": sha256_file(out / name)}
+    def finish(name: str, count: int, problems: list[str]) -> None:
+        record = {"name": name, "samples": count - len(problems), "sha256": sha256_file(out / name), "skipped": problems}
         finished[name] = record
         with open(out / PROGRESS, "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -129,18 +197,20 @@ def write_shards(samples: Sequence[Sample], classes: list[str], out: str | os.Pa
     if workers > 1 and len(todo) > 1:
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(workers) as pool:
-            futures = {name: pool.submit(_write_shard, out / name, chunk) for name, chunk in todo}
+            futures = {name: pool.submit(_write_shard, out / name, chunk, screening) for name, chunk in todo}
             for (name, chunk) in todo:
-                futures[name].result()
-                finish(name, len(chunk))
+                finish(name, len(chunk), futures[name].result())
     else:
         for name, chunk in todo:
-            _write_shard(out / name, chunk)
-            finish(name, len(chunk))
-    index = {"classes": classes, "num_samples": len(samples), "shards": [finished[name] for name in names]}
+            finish(name, len(chunk), _write_shard(out / name, chunk, screening))
+    problems = [*listed_problems, *(problem for name in names for problem in finished[name].pop("skipped", []))]
+    screening.report(problems, log)
+    index = {"classes": classes, "num_samples": sum(finished[name]["samples"] for name in names),
+             "skipped": len(problems), "shards": [finished[name] for name in names]}
     (out / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     (out / PROGRESS).unlink()
-    log(f"{out}: wrote {len(samples)} samples in {len(names)} shards")
+    log(f"{out}: wrote {index['num_samples']} samples in {len(names)} shards"
+        + (f", {len(problems)} input images skipped (named above)" if problems else ""))
     return read_index(out)
 
 
@@ -153,25 +223,82 @@ def read_index(folder: str | os.PathLike) -> ShardIndex:
         hint = " (a partial shard set: re-run `vitrail shard` to finish it)" if (folder / PROGRESS).exists() else ""
         raise VitrailError(f"shard directory {folder} has no {INDEX}{hint}")
     try:
-        index = json.loads(path.read_text())
-        return ShardIndex(folder, list(index["classes"]), list(index["shards"]))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        tree = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise VitrailError(f"{path} is not a vitrail shard index: {error}") from None
+    return validated_index(folder, tree, path)
 
 
-def verify(folder: str | os.PathLike) -> ShardIndex:
-    """Re-check every shard's presence and sha256 against index.json."""
+def validated_index(folder: Path, tree, path: Path) -> ShardIndex:
+    """index.json's contents as a ShardIndex, every field checked: an index is data a user or
+    another tool may have written, and a bad field must be named here, not met as a KeyError later."""
+    def fail(field: str, expected: str, value) -> VitrailError:
+        return VitrailError(f"{path}: {field} must be {expected}, got {value!r}"[:400])
+
+    def count(field: str, value) -> int:
+        if type(value) is not int or value < 0:  # bool is an int subclass: refused too
+            raise fail(field, "a non-negative integer", value)
+        return value
+
+    if not isinstance(tree, dict):
+        raise fail("the index", "a JSON object with classes and shards", tree)
+    classes, shards = tree.get("classes"), tree.get("shards")
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise fail("classes", "a list of class names (strings)", classes)
+    if not isinstance(shards, list):
+        raise fail("shards", "a list of {name, samples, sha256} objects", shards)
+    for number, shard in enumerate(shards):
+        where = f"shards[{number}]"
+        if not isinstance(shard, dict):
+            raise fail(where, "a {name, samples, sha256} object", shard)
+        name = shard.get("name")
+        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+        if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+            raise fail(f"{where}.name", "a file name inside the shard folder (no '..', not absolute)", name)
+        count(f"{where}.samples", shard.get("samples"))
+        sha256 = shard.get("sha256")
+        if not isinstance(sha256, str) or len(sha256) != 64 or set(sha256) - set("0123456789abcdef"):
+            raise fail(f"{where}.sha256", "64 lowercase hex digits", sha256)
+    index = ShardIndex(folder, classes, shards, count("skipped", tree.get("skipped", 0)))
+    if "num_samples" in tree and count("num_samples", tree["num_samples"]) != index.num_samples:
+        raise fail("num_samples", f"the sum of the shards' samples ({index.num_samples})", tree["num_samples"])
+    return index
+
+
+def verify(folder: str | os.PathLike, screening: Screening = Screening()) -> ShardIndex:
+    """Re-check every shard's presence and sha256 against index.json; with `screening.decode`, read
+    every shard whole and decode every image too, naming each that fails and each count that differs."""
     index = read_index(folder)
     problems = []
     for shard in index.shards:
         path = index.folder / shard["name"]
         if not path.exists():
             problems.append(f"{path} is missing")
-        elif sha256_file(path) != shard["sha256"]:
-            problems.append(f"{path} has sha256 {sha256_file(path)}, index.json says {shard['sha256']}")
+            continue
+        found = sha256_file(path)
+        if found != shard["sha256"]:
+            problems.append(f"{path} has sha256 {found}, index.json says {shard['sha256']}")
+        if screening.decode:
+            problems.extend(_screen_shard(path, shard["samples"], screening))
     if problems:
-        raise VitrailError("shard verification failed: " + "; ".join(problems))
+        raise VitrailError(f"shard verification failed, {len(problems)} problems: {listed(problems)}")
     return index
+
+
+def _screen_shard(path: Path, declared: int, screening: Screening) -> list[str]:
+    """Why each sample of the shard at `path` would be skipped in training, and a count that differs."""
+    stream = ShardStream(path, None)
+    problems = []
+    for sample in stream:
+        image = next((sample[ext] for ext in sorted(READ_EXTENSIONS) if ext in sample), None)
+        problem = "no image member" if image is None else screening.problem(image)
+        if problem:
+            problems.append(f"{path.name}:{sample['__key__']} ({problem})")
+    if stream.error is not None:
+        problems.append(f"{path} cannot be read whole ({stream.error}) after {stream.read} samples")
+    elif stream.read != declared:
+        problems.append(f"{path} holds {stream.read} samples, index.json declares {declared}")
+    return problems
 
 
 def index_existing(folder: str | os.PathLike, workers: int = 1, log: Callable[[str], None] = print) -> ShardIndex:
@@ -209,7 +336,7 @@ def index_existing(folder: str | os.PathLike, workers: int = 1, log: Callable[[s
 
 
 def _scan_shard(path: Path) -> dict:
-    stream = ShardStream(path, 0)
+    stream = ShardStream(path, None)
     max_label, without_image = -1, 0
     for sample in stream:
         without_image += not READ_EXTENSIONS & sample.keys()
@@ -226,95 +353,11 @@ def _scan_shard(path: Path) -> dict:
             "without_image": without_image}
 
 
-def folder_samples(source: str | os.PathLike) -> tuple[list[Sample], list[str]]:
-    """An ImageFolder tree (one sub-folder per class) as samples in sorted order."""
-    source = Path(source)
-    if not source.is_dir():
-        raise VitrailError(f"image folder {source} does not exist")
-    classes = sorted(entry.name for entry in source.iterdir() if entry.is_dir())
-    if not classes:
-        raise VitrailError(f"image folder {source} has no class sub-folders")
-    samples = []
-    for label, name in enumerate(classes):
-        files = sorted(path for path in (source / name).rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS)
-        for number, path in enumerate(files):
-            samples.append(Sample(f"c{label:05d}_{number:08d}", IMAGE_EXTENSIONS[path.suffix.lower()], label, partial(Path.read_bytes, path)))
-    if not samples:
-        raise VitrailError(f"image folder {source} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return samples, classes
-
-
-def _parse_list_line(line: str) -> tuple[str, str | None]:
-    if "\t" in line:
-        path, _, label = line.partition("\t")
-    elif "," in line:
-        path, _, label = line.rpartition(",")
-    else:
-        path, label = line, None
-    return path.strip(), (label.strip() if label is not None else None)
-
-
-def list_samples(listing: str | os.PathLike) -> tuple[list[Sample], list[str]]:
-    """A file list, one `path` or `path<TAB or comma>label` per line, as samples in list order.
-
-    Relative paths are resolved against the list's folder. Labels are class names (classes
-    sorted by name) or, when all are integers, class indices; a list without labels gives
-    label -1 and no classes. Blank lines, `#` comments and a `path[,label]` header are skipped.
-    """
-    listing = Path(listing)
-    try:
-        lines = listing.read_text().splitlines()
-    except OSError as error:
-        raise VitrailError(f"cannot read file list {listing}: {error}") from None
-    entries = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        path, label = _parse_list_line(line)
-        if not entries and path.lower() == "path" and label in (None, "label"):
-            continue
-        where = f"{listing}:{number}"
-        resolved = Path(path) if Path(path).is_absolute() else listing.parent / path
-        if resolved.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise VitrailError(f"{where}: {path!r} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        if not resolved.is_file():
-            raise VitrailError(f"{where}: image {resolved} does not exist")
-        if entries and (label is None) != (entries[0][2] is None):
-            raise VitrailError(f"{where}: every line needs a label or none does (line {entries[0][0]} differs)")
-        entries.append((number, resolved, label))
-    if not entries:
-        raise VitrailError(f"file list {listing} names no image")
-    labels = [label for _, _, label in entries]
-    if labels[0] is None:
-        classes, index = [], {}
-    elif all(label.isdigit() for label in labels):
-        classes = [str(value) for value in range(max(int(label) for label in labels) + 1)]
-        index = {label: int(label) for label in labels}
-    else:
-        classes = sorted(set(labels))
-        index = {name: position for position, name in enumerate(classes)}
-    samples = [Sample(f"l{position:09d}", IMAGE_EXTENSIONS[path.suffix.lower()], index.get(label, -1), partial(Path.read_bytes, path))
-               for position, (_, path, label) in enumerate(entries)]
-    return samples, classes
-
-
-def encode_png(image) -> bytes:
-    from PIL import Image
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
-
-
-def array_samples(images, labels, prefix: str) -> list[Sample]:
-    """In-memory uint8 images (N, H, W[, C]) as PNG samples keyed `{prefix}{index}`."""
-    return [Sample(f"{prefix}{number:07d}", "png", int(label), partial(encode_png, image))
-            for number, (image, label) in enumerate(zip(images, labels))]
-
-
 def shard_fashion_mnist(out: str | os.PathLike, root=None, shard_size: int = 5000,
                         limit: int | None = None, workers: int = 1, log=print) -> dict[str, ShardIndex]:
     """Fashion-MNIST's train and test splits to `out/train` and `out/test` (PNG, lossless)."""
     from vitrail.pipelines.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+    from vitrail.pipelines.sources import array_samples
     indexes = {}
     for split in ("train", "test"):
         images, labels = load_fashion_mnist(split, root)

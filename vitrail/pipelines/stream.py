@@ -4,11 +4,15 @@ Both readers run `shard_views` once per shard: stream the tar (`reader.ShardStre
 decode, apply the view recipe in batches. So a recipe and the bad-data accounting behave
 identically under Ray Train and in the local launcher.
 
-Bad data is skipped and counted, never fatal: an undecodable image, a sample lost in a
-truncated tar (declared in index.json, never read) and a missing shard all add to the
-`skipped` column of a view batch (the count rides on its first row), which the training
-loop sums into the `data/skipped` metric. A Ray task whose shard gave no image at all sends
-its count on a blank carrier row, removed by `without_carriers` before training.
+Bad data is skipped and counted, never fatal: an undecodable image (`decode.decode` raises,
+never crashes, and refuses images over the pixel limit), a sample lost in a truncated tar
+(declared in index.json, never read) and a missing shard all add to the `skipped` column of
+a view batch (the count rides on its first row), which the training loop sums into the
+`data/skipped` metric; samples a tar holds beyond its declared count are trained on, logged
+and counted the same way in `extra` (`data/extra_samples`). A Ray task whose shard gave no
+image at all sends its counts on a blank carrier row, removed by `without_carriers` before
+training. What stops a run: a shard whose sha256 differs from index.json's (`verify`), and
+a shard whose view task keeps dying (`VIEW_TASK_RETRIES`), each named.
 """
 
 from __future__ import annotations
@@ -16,94 +20,131 @@ from __future__ import annotations
 import logging
 import os
 import random
-import warnings
+from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 from vitrail.errors import VitrailError
+from vitrail.pipelines.decode import MAX_IMAGE_PIXELS, UndecodableImage, decode
 from vitrail.pipelines.reader import ShardStream
-from vitrail.pipelines.shards import READ_EXTENSIONS, ShardIndex
+from vitrail.pipelines.shards import READ_EXTENSIONS, ShardIndex, sha256_file
 
 log = logging.getLogger("vitrail.data")
-# torchvision 0.29 deprecates its image codecs in favour of torchcodec, which decodes no still images yet.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 _IMAGE_EXTENSIONS = sorted(READ_EXTENSIONS)
 _LOGGED_KEYS = 5
 CARRIER_KEY = ""  # see `_count_carrier`
+# Per-batch tallies riding on a batch's first row: samples skipped (undecodable, lost to a truncated
+# tar, in a missing shard) and samples found in a tar beyond the count index.json declares.
+COUNTS = ("skipped", "extra")
+# Ray retries a view task that died (Ray Data's default is forever: a shard that kills its task would hang the run).
+VIEW_TASK_RETRIES = 3
 
 
-def decode(data: bytes, channels: int) -> torch.Tensor:
-    """Encoded image bytes -> (channels, H, W) uint8; raises RuntimeError or ValueError on corrupt data."""
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+def decode_sample(sample: dict, channels: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, int]:
+    """A raw sample `{"__key__", "cls", "jpg"|"png"|...}` -> (uint8 (C, H, W) image, label or -1);
+    raises UndecodableImage saying why it has none."""
+    data = next((sample[ext] for ext in _IMAGE_EXTENSIONS if ext in sample), None)
+    if data is None:
+        raise UndecodableImage(f"no image member ({', '.join(_IMAGE_EXTENSIONS)})")
+    try:
+        label = int(sample["cls"]) if "cls" in sample else -1
+    except ValueError:
+        raise UndecodableImage(f"label {sample['cls'][:20]!r} is not an integer") from None
+    return decode(data, channels, max_pixels), label
 
 
-def make_views(samples: list[dict], recipe, seed: int, epoch: int, channels: int) -> tuple[dict | None, int]:
-    """Raw samples `{"__key__", "cls", "jpg"|"png"|...}` -> (view columns or None when no image
-    decoded, number of samples skipped as undecodable)."""
-    images, keys, labels, bad_keys = [], [], [], []
+def make_views(samples: list[dict], recipe, seed: int, epoch: int, channels: int,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[dict | None, int]:
+    """Raw samples -> (view columns or None when no image decoded, number of samples skipped as undecodable)."""
+    images, keys, labels, bad = [], [], [], []
     for sample in samples:
         key = str(sample["__key__"])
-        data = next((sample[ext] for ext in _IMAGE_EXTENSIONS if ext in sample), None)
         try:
-            if data is None:
-                raise ValueError("no image member")
-            label = int(sample["cls"]) if "cls" in sample else -1
-            images.append(decode(data, channels))
-        except (RuntimeError, ValueError):
-            bad_keys.append(key)
+            image, label = decode_sample(sample, channels, max_pixels)
+        except UndecodableImage as error:
+            bad.append(f"{key} ({error})")
             continue
+        images.append(image)
         keys.append(key)
         labels.append(label)
-    if bad_keys:
-        log.warning("skipped %d undecodable samples: %s", len(bad_keys), ", ".join(bad_keys[:_LOGGED_KEYS]))
+    if bad:
+        log.warning("skipped %d undecodable samples: %s", len(bad), "; ".join(bad[:_LOGGED_KEYS]))
     if not images:
-        return None, len(bad_keys)
+        return None, len(bad)
     columns = recipe(images, keys, seed, epoch)
     columns["key"] = np.asarray(keys, dtype=object)
     columns["label"] = np.asarray(labels, dtype=np.int64)
-    columns["skipped"] = np.zeros(len(images), dtype=np.int64)
-    return columns, len(bad_keys)
+    for name in COUNTS:
+        columns[name] = np.zeros(len(images), dtype=np.int64)
+    return columns, len(bad)
 
 
-def shard_views(path: str, declared: int, recipe, seed: int, epoch: int, channels: int,
-                batch_size: int, carried: int = 0) -> Iterator[dict]:
-    """View batches of one shard, every skip of it (plus `carried`) counted in their `skipped`.
+def add_counts(columns: dict, counts: dict) -> dict:
+    """Add `counts` onto the first row of `columns`; returns counts emptied, for the caller to go on with."""
+    for name in COUNTS:
+        columns[name][0] += counts[name]
+    return dict.fromkeys(COUNTS, 0)
 
-    The last batch is held back until the tar ends, since only then is the number of samples
-    lost to truncation known. A shard without one decodable image yields a single
-    `{"skipped": n}` with no rows, for the caller to carry into a later batch.
+
+@dataclass(frozen=True)
+class ShardRead:
+    """What a reader needs of one shard, from index.json."""
+
+    path: str
+    declared: int   # samples index.json declares
+    sha256: str     # checked before reading when `verify`
+    verify: bool = False
+
+
+def check_sha256(shard: ShardRead) -> None:
+    """Fail, naming the shard, when its bytes are not those index.json recorded (data.verify)."""
+    found = sha256_file(Path(shard.path))
+    if found != shard.sha256:
+        raise VitrailError(f"shard {shard.path} has sha256 {found}, index.json says {shard.sha256}: the shard changed "
+                           "after indexing; re-run `vitrail shard` (or `vitrail shard index`) on its folder")
+
+
+def shard_views(shard: ShardRead, recipe, seed: int, epoch: int, channels: int, batch_size: int,
+                carried: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[dict]:
+    """View batches of one shard, every skip of it (plus `carried`) counted in their `skipped`, and
+    samples beyond those index.json declares in their `extra`.
+
+    The last batch is held back until the tar ends, since only then are the samples lost to
+    truncation (or found beyond the declared count) known. A shard without one decodable image
+    yields a single `{"skipped": n, "extra": m}` with no rows, for the caller to carry on.
     """
-    stream = ShardStream(path, declared)
-    skipped, ready, pending = carried, None, []
+    if shard.verify and os.path.exists(shard.path):  # a missing shard is counted as skipped below
+        check_sha256(shard)
+    stream = ShardStream(shard.path, shard.declared)
+    counts, ready, pending = {"skipped": carried, "extra": 0}, None, []
 
     def batches():
         for sample in stream:
             pending.append(sample)
             if len(pending) == batch_size:
-                yield make_views(pending, recipe, seed, epoch, channels)
+                yield make_views(pending, recipe, seed, epoch, channels, max_pixels)
                 pending.clear()
         if pending:
-            yield make_views(pending, recipe, seed, epoch, channels)
+            yield make_views(pending, recipe, seed, epoch, channels, max_pixels)
 
     for columns, bad in batches():
-        skipped += bad
+        counts["skipped"] += bad
         if columns is None:
             continue
         if ready is not None:
-            ready["skipped"][0] += skipped
-            skipped = 0
+            counts = add_counts(ready, counts)
             yield ready
         ready = columns
-    skipped += stream.lost
+    counts["skipped"] += stream.lost
+    counts["extra"] += stream.extra
     if ready is None:
-        yield {"skipped": skipped}
+        yield counts
     else:
-        ready["skipped"][0] += skipped
+        add_counts(ready, counts)
         yield ready
 
 
@@ -113,59 +154,85 @@ def epoch_shard_order(shards: list, seed: int, epoch: int) -> list:
     return order
 
 
-def _epoch_shards(index: ShardIndex, seed: int, epoch: int, shuffle: bool) -> list[tuple[str, int]]:
-    shards = [(str(index.folder / shard["name"]), int(shard["samples"])) for shard in index.shards]
+def _epoch_shards(index: ShardIndex, seed: int, epoch: int, shuffle: bool, verify: bool = False) -> list[ShardRead]:
+    shards = [ShardRead(str(index.folder / shard["name"]), shard["samples"], shard["sha256"], verify)
+              for shard in index.shards]
     return epoch_shard_order(shards, seed, epoch) if shuffle else shards
 
 
-def _shard_task(rows: dict, recipe, seed: int, epoch: int, channels: int, batch_size: int) -> Iterator[dict]:
-    """Ray Data map task: one shard's row `{"path", "samples", "carried"}` -> its view batches."""
+def _shard_task(rows: dict, recipe, seed: int, epoch: int, channels: int, batch_size: int, max_pixels: int,
+                attempts, retries: int) -> Iterator[dict]:
+    """Ray Data map task: one shard's row (`ShardRead`'s fields and "carried") -> its view batches."""
+    import ray
+
     torch.set_num_threads(1)  # one core per data task; the training worker owns the rest
-    for path, declared, carried in zip(rows["path"], rows["samples"], rows["carried"]):
-        for columns in shard_views(str(path), int(declared), recipe, seed, epoch, channels, batch_size, int(carried)):
+    for number, carried in enumerate(rows["carried"]):
+        shard = ShardRead(str(rows["path"][number]), int(rows["declared"][number]), str(rows["sha256"][number]),
+                          bool(rows["verify"][number]))
+        if ray.get(attempts.start.remote(epoch, shard.path)) == retries:  # the last start Ray allows
+            raise VitrailError(f"shard {shard.path}: its view task died (killed, out of memory, or a crash in "
+                               f"native code; see the Ray worker logs), and so did every retry ({retries}): the run "
+                               "stops here")
+        for columns in shard_views(shard, recipe, seed, epoch, channels, batch_size, int(carried), max_pixels):
             if "key" in columns:
                 yield columns
-            elif columns["skipped"]:
-                yield _count_carrier(recipe, seed, epoch, channels, columns["skipped"])
+            elif any(columns.values()):
+                yield _count_carrier(recipe, seed, epoch, channels, columns)
 
 
-def _count_carrier(recipe, seed: int, epoch: int, channels: int, skipped: int) -> dict:
-    """A blank row, views of the recipe's shapes, whose only use is to carry `skipped` out of a
+class TaskAttempts:
+    """A Ray actor counting how often each (epoch, shard) view task has started. A task killed
+    by the OS or by a crash in native code cannot say which shard it held; its retry can, and
+    the last retry Ray allows fails the run naming the shard instead of dying once more."""
+
+    def __init__(self):
+        self.started: dict[tuple[int, str], int] = {}
+
+    def start(self, epoch: int, path: str) -> int:
+        """Registers a start; returns how many starts came before it."""
+        before = self.started.get((epoch, path), 0)
+        self.started[(epoch, path)] = before + 1
+        return before
+
+
+def _count_carrier(recipe, seed: int, epoch: int, channels: int, counts: dict) -> dict:
+    """A blank row, views of the recipe's shapes, whose only use is to carry `counts` out of a
     task that read no image: a task's output is rows, and a count rides on one. Its key is
     empty, which no sample's is; `without_carriers` takes it out before training."""
     columns = recipe([torch.zeros((channels, 8, 8), dtype=torch.uint8)], [CARRIER_KEY], seed, epoch)
     columns["key"] = np.asarray([CARRIER_KEY], dtype=object)
     columns["label"] = np.asarray([-1], dtype=np.int64)
-    columns["skipped"] = np.asarray([skipped], dtype=np.int64)
+    for name in COUNTS:
+        columns[name] = np.asarray([counts[name]], dtype=np.int64)
     return columns
 
 
 def without_carriers(batches: Iterable[dict]) -> Iterator[dict]:
     """Ray Data's batches without `_count_carrier` rows, their counts moved to the next real row."""
-    carried = 0
+    carried = dict.fromkeys(COUNTS, 0)
     for batch in batches:
         real = batch["key"] != CARRIER_KEY
-        if real.all() and not carried:
+        if real.all() and not any(carried.values()):
             yield batch
             continue
-        carried += int(batch["skipped"][~real].sum())
+        for name in COUNTS:
+            carried[name] += int(batch[name][~real].sum())
         batch = {name: column[real] for name, column in batch.items()}  # copies: Ray's arrays are read-only
         if len(batch["key"]):
-            batch["skipped"][0] += carried
-            carried = 0
+            carried = add_counts(batch, carried)
             yield batch
 
 
-def _carry_missing(shards: list[tuple[str, int]]) -> list[dict]:
+def _carry_missing(shards: list[ShardRead]) -> list[dict]:
     """Task rows for the shards present now; a missing shard's samples are counted as skipped
     by the next present shard, so its count reaches `data/skipped` though no task reads it."""
     rows, missing = [], 0
-    for path, declared in shards:
-        if not os.path.exists(path):
-            log.warning("shard %s is missing: its %d samples are skipped", path, declared)
-            missing += declared
+    for shard in shards:
+        if not os.path.exists(shard.path):
+            log.warning("shard %s is missing: its %d samples are skipped", shard.path, shard.declared)
+            missing += shard.declared
             continue
-        rows.append({"path": path, "samples": declared, "carried": missing})
+        rows.append({**asdict(shard), "carried": missing})
         missing = 0
     if rows and missing:
         rows[0]["carried"] += missing
@@ -185,38 +252,46 @@ def ingest_options(object_store_mb: int | None):
 
 
 def ray_dataset(index: ShardIndex, recipe, seed: int, channels: int, epochs: range, shuffle: bool = True,
-                view_batch_size: int = 16, object_store_mb: int | None = None):
+                view_batch_size: int = 16, object_store_mb: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                verify: bool = False, task_retries: int = VIEW_TASK_RETRIES):
     """A Ray dataset streaming the views of `epochs` back to back: one map task per shard, shards
-    reshuffled per epoch."""
+    reshuffled per epoch. With `verify`, each shard's sha256 is checked when the first epoch reads it.
+    A shard whose task dies `task_retries` times fails the dataset, named (a VitrailError)."""
+    import ray
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # Ray Data's per-operator bars would drown the training bar
     context.execution_options = ingest_options(object_store_mb)
+    attempts = ray.remote(num_cpus=0)(TaskAttempts).remote()
     per_epoch = []
     for epoch in epochs:
-        rows = _carry_missing(_epoch_shards(index, seed, epoch, shuffle))
+        rows = _carry_missing(_epoch_shards(index, seed, epoch, shuffle, verify and epoch == epochs[0]))
         if not rows:
             raise VitrailError(f"no shard of {index.folder} exists: every file index.json names is missing")
         shards = ray.data.from_items(rows, override_num_blocks=len(rows))
         per_epoch.append(shards.map_batches(
-            partial(_shard_task, recipe=recipe, seed=seed, epoch=epoch, channels=channels, batch_size=view_batch_size),
-            batch_size=1, batch_format="numpy",
+            partial(_shard_task, recipe=recipe, seed=seed, epoch=epoch, channels=channels, batch_size=view_batch_size,
+                    max_pixels=max_pixels, attempts=attempts, retries=task_retries),
+            # Ray 2.60 takes max_retries only through ray_remote_args (deprecated for 2.64, no named parameter yet).
+            batch_size=1, batch_format="numpy", max_retries=task_retries,
         ))
     return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]
 
 
 def local_batches(index: ShardIndex, recipe, seed: int, channels: int, batch_size: int, start_epoch: int = 0,
-                  shuffle: bool = True, epochs: int | None = None, drop_last: bool = True, view_batch_size: int = 64):
-    """Batches of `batch_size` views read in this process, epoch after epoch. Skips counted in a
-    dropped last batch or a shard with no decodable image ride on the next batch."""
-    epoch, carried = start_epoch, 0
+                  shuffle: bool = True, epochs: int | None = None, drop_last: bool = True, view_batch_size: int = 64,
+                  max_pixels: int = MAX_IMAGE_PIXELS, verify: bool = False):
+    """Batches of `batch_size` views read in this process, epoch after epoch. Counts in a dropped
+    last batch or a shard with no decodable image ride on the next batch. With `verify`, each
+    shard's sha256 is checked when the first epoch reads it."""
+    epoch, carried = start_epoch, dict.fromkeys(COUNTS, 0)
     while epochs is None or epoch < start_epoch + epochs:
         parts, count, rows = [], 0, 0
-        for path, declared in _epoch_shards(index, seed, epoch, shuffle):
-            for columns in shard_views(path, declared, recipe, seed, epoch, channels, view_batch_size):
+        for shard in _epoch_shards(index, seed, epoch, shuffle, verify and epoch == start_epoch):
+            for columns in shard_views(shard, recipe, seed, epoch, channels, view_batch_size, max_pixels=max_pixels):
                 if "key" not in columns:
-                    carried += columns["skipped"]
+                    carried = {name: carried[name] + columns[name] for name in COUNTS}
                     continue
                 parts.append(columns)
                 count += len(columns["key"])
@@ -224,17 +299,15 @@ def local_batches(index: ShardIndex, recipe, seed: int, channels: int, batch_siz
                 while count >= batch_size:
                     batch, parts = _split(parts, batch_size)
                     count -= batch_size
-                    batch["skipped"][0] += carried
-                    carried = 0
+                    carried = add_counts(batch, carried)
                     yield batch
         if parts and not drop_last:
             batch, parts = _split(parts, count)
-            batch["skipped"][0] += carried
-            carried = 0
+            carried = add_counts(batch, carried)
             yield batch
         if not rows:
             raise VitrailError(f"no shard of {index.folder} holds a readable image (see the warnings above)")
-        carried += sum(int(part["skipped"].sum()) for part in parts)
+        carried = {name: carried[name] + sum(int(part[name].sum()) for part in parts) for name in COUNTS}
         epoch += 1
 
 

@@ -1,0 +1,140 @@
+"""What `vitrail shard` reads: an image folder (one sub-folder per class), a file list, in-memory arrays.
+
+Each becomes a list of `shards.Sample` whose bytes are read later, by the process writing its
+shard. Inputs that cannot be used are named: a folder listing returns them (an unreadable
+folder, a dangling symlink, an image name on a FIFO or a directory), a file list refuses a
+line naming a missing file, and a file that fails when read is left out by the writer.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+from functools import partial
+from pathlib import Path
+
+from vitrail.errors import VitrailError
+from vitrail.pipelines.shards import IMAGE_EXTENSIONS, Sample, listed
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of `path`, refusing what is no regular file: reading a FIFO would block for ever."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return path.read_bytes()
+
+
+def _image_files(folder: Path, problems: list[str]) -> list[Path]:
+    """The image files under `folder`, sorted; entries that cannot be used (an unreadable folder, a
+    dangling symlink, an image name on something other than a file) go to `problems`, named."""
+    def unreadable(error: OSError) -> None:
+        problems.append(f"{error.filename} (unreadable folder: {error.strerror})")
+
+    files = []
+    for parent, _, names in os.walk(folder, onerror=unreadable):
+        for name in names:
+            path = Path(parent) / name
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if not path.exists():
+                problems.append(f"{path} (dangling symlink to {os.readlink(path)})")
+            elif not path.is_file():
+                problems.append(f"{path} (not a regular file)")
+            else:
+                files.append(path)
+    return sorted(files)
+
+
+def folder_samples(source: str | os.PathLike) -> tuple[list[Sample], list[str], list[str]]:
+    """An ImageFolder tree (one sub-folder per class) as (samples in sorted order, classes, the
+    entries that cannot be used, named)."""
+    source = Path(source)
+    if not source.is_dir():
+        raise VitrailError(f"image folder {source} does not exist")
+    try:
+        classes = sorted(entry.name for entry in source.iterdir() if entry.is_dir())
+    except OSError as error:
+        raise VitrailError(f"cannot read image folder {source}: {error.strerror}") from None
+    if not classes:
+        raise VitrailError(f"image folder {source} has no class sub-folders")
+    samples, problems = [], []
+    for label, name in enumerate(classes):
+        for number, path in enumerate(_image_files(source / name, problems)):
+            samples.append(Sample(f"c{label:05d}_{number:08d}", IMAGE_EXTENSIONS[path.suffix.lower()], label,
+                                  partial(read_regular_file, path), str(path)))
+    if not samples:
+        raise VitrailError(f"image folder {source} holds no readable images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                           + (f": {listed(problems)}" if problems else ""))
+    return samples, classes, problems
+
+
+def _parse_list_line(line: str) -> tuple[str, str | None]:
+    if "\t" in line:
+        path, _, label = line.partition("\t")
+    elif "," in line:
+        path, _, label = line.rpartition(",")
+    else:
+        path, label = line, None
+    return path.strip(), (label.strip() if label is not None else None)
+
+
+def list_samples(listing: str | os.PathLike) -> tuple[list[Sample], list[str]]:
+    """A file list, one `path` or `path<TAB or comma>label` per line, as samples in list order.
+
+    Relative paths are resolved against the list's folder. Labels are class names (classes
+    sorted by name) or, when all are integers, class indices; a list without labels gives
+    label -1 and no classes. Blank lines, `#` comments and a `path[,label]` header are skipped.
+    """
+    listing = Path(listing)
+    try:
+        lines = listing.read_text().splitlines()
+    except OSError as error:
+        raise VitrailError(f"cannot read file list {listing}: {error}") from None
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        path, label = _parse_list_line(line)
+        if not entries and path.lower() == "path" and label in (None, "label"):
+            continue
+        where = f"{listing}:{number}"
+        resolved = Path(path) if Path(path).is_absolute() else listing.parent / path
+        if resolved.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise VitrailError(f"{where}: {path!r} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        if not resolved.exists():
+            raise VitrailError(f"{where}: image {resolved} does not exist")
+        if not resolved.is_file():
+            raise VitrailError(f"{where}: {resolved} is not a regular file")
+        if entries and (label is None) != (entries[0][2] is None):
+            raise VitrailError(f"{where}: every line needs a label or none does (line {entries[0][0]} differs)")
+        entries.append((number, resolved, label))
+    if not entries:
+        raise VitrailError(f"file list {listing} names no image")
+    labels = [label for _, _, label in entries]
+    if labels[0] is None:
+        classes, index = [], {}
+    elif all(label.isdigit() for label in labels):
+        classes = [str(value) for value in range(max(int(label) for label in labels) + 1)]
+        index = {label: int(label) for label in labels}
+    else:
+        classes = sorted(set(labels))
+        index = {name: position for position, name in enumerate(classes)}
+    samples = [Sample(f"l{position:09d}", IMAGE_EXTENSIONS[path.suffix.lower()], index.get(label, -1),
+                      partial(read_regular_file, path), str(path))
+               for position, (_, path, label) in enumerate(entries)]
+    return samples, classes
+
+
+def encode_png(image) -> bytes:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def array_samples(images, labels, prefix: str) -> list[Sample]:
+    """In-memory uint8 images (N, H, W[, C]) as PNG samples keyed `{prefix}{index}`."""
+    return [Sample(f"{prefix}{number:07d}", "png", int(label), partial(encode_png, image))
+            for number, (image, label) in enumerate(zip(images, labels))]
