@@ -114,7 +114,8 @@ class DinoVisionTransformer(VisionTransformer):
             raise ValueError(f"ffn must be 'mlp' or 'swiglu', not {ffn!r}")
         # The ViT's patch embedding, CLS / position / mask tokens and final norm; DINOv2's own blocks.
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth=0, num_heads=num_heads, mask_token=True)
-        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth,
+                                                                                  device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, ffn, layer_scale, rate) for rate in rates)
         self.num_register_tokens = num_register_tokens
         self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
