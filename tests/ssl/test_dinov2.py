@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vitrail.errors import VitrailError
-from vitrail.launch.config import from_dict
+from vitrail.launch.config import from_dict, load
 from vitrail.launch.local import pretrain
 from vitrail.ssl.dinov2 import DINOv2, DINOv2Config, KoLeoLoss, sinkhorn_knopp
 
@@ -188,3 +188,28 @@ def test_local_training_steps_move_the_student_with_per_group_learning_rates(fas
     assert logged[0]["lr"] <= peak
     for group in trainer.optimizer.param_groups:
         assert group["lr"] == pytest.approx(logged[-1]["lr"] * group["lr_multiplier"])
+
+
+# dinov2/configs/ssl_default_config.yaml, key by key.
+OFFICIAL_DEFAULTS = {
+    "out_dim": 65536, "bottleneck_dim": 256, "head_layers": 3, "hidden_dim": 2048, "koleo_loss_weight": 0.1,
+    "dino_loss_weight": 1.0, "ibot_loss_weight": 1.0, "mask_probability": 0.5, "mask_ratio_range": (0.1, 0.5),
+    "separate_head": False, "ibot_out_dim": 65536, "ibot_bottleneck_dim": 256, "ibot_head_layers": 3,
+    "ibot_hidden_dim": 2048, "centering": "centering", "momentum_teacher": 0.992, "warmup_teacher_temp": 0.04,
+    "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30, "freeze_last_layer_epochs": 1, "layerwise_decay": 0.9,
+    "patch_embed_lr_mult": 0.2, "global_crops_scale": (0.32, 1.0), "local_crops_number": 8,
+    "local_crops_scale": (0.05, 0.32), "global_crop_size": 224, "local_crop_size": 96,
+}
+
+
+def test_defaults_are_the_official_ones_and_the_recipes_validate():
+    defaults = DINOv2Config()
+    assert {key: getattr(defaults, key) for key in OFFICIAL_DEFAULTS} == OFFICIAL_DEFAULTS
+    small = load("configs/dinov2_vit_small.yaml")
+    assert small.method == DINOv2Config(local_crop_size=98)  # 98: 7 patches of 14 px
+    assert (small.model.backbone, small.model.drop_path_rate, small.optim.lr) == ("dinov2_vits14", 0.3, 0.004)
+    large = load("configs/dinov2_vit_large.yaml")  # official train/vitl14.yaml
+    assert (large.method.centering, large.method.separate_head, large.method.out_dim) == ("sinkhorn_knopp", True, 131072)
+    assert (large.model.kwargs["ffn"], large.optim.epochs, large.optim.lr) == ("swiglu", 500, 2e-4)
+    demo = load("configs/demo_dinov2.yaml")
+    assert demo.method.name == "dinov2" and demo.data.channels == 1
