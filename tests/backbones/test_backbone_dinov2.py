@@ -64,7 +64,8 @@ def official_files(tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
     files = {}
     for registers, name in ((0, "dinov2_vits14"), (4, "dinov2_vits14_reg4")):
-        weights = {key: torch.randn(shape, generator=generator) * 0.02 for key, shape in official_vits14_keys(16, registers).items()}
+        weights = {key: torch.randn(shape, generator=generator) * 0.02
+                   for key, shape in official_vits14_keys(16, registers).items()}
         files[name] = (folder / f"{name}_pretrain.pth", weights)
         torch.save(weights, files[name][0])
     return files

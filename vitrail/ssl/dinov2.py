@@ -74,7 +74,8 @@ class DINOv2Config(DINOConfig):
             raise ValueError("method.use_bn_in_head is not available for DINOv2 (the official code refuses BatchNorm)")
         low, high = self.mask_ratio_range
         if not 0 <= low <= high <= 1:
-            raise ValueError(f"method.mask_ratio_range must be (low, high) with 0 <= low <= high <= 1, got {self.mask_ratio_range}")
+            raise ValueError("method.mask_ratio_range must be (low, high) with 0 <= low <= high <= 1, "
+                             f"got {self.mask_ratio_range}")
         return self
 
 
@@ -266,7 +267,8 @@ class DINOv2(DINO):
         # KoLeo within each global crop's batch, never between two crops of one image; the two summed.
         koleo_loss = sum(self.koleo(cls) for cls in student["cls"].chunk(2))
         ibot_loss = self.patch_loss(student["patches"], teacher["patches"], masks, temperature, freeze_last_layer)
-        loss = config.dino_loss_weight * dino_loss + config.koleo_loss_weight * koleo_loss + config.ibot_loss_weight * ibot_loss
+        loss = (config.dino_loss_weight * dino_loss + config.koleo_loss_weight * koleo_loss
+                + config.ibot_loss_weight * ibot_loss)
         return loss, {
             "loss": loss.detach(), "loss_dino": dino_loss.detach(), "loss_koleo": koleo_loss.detach(),
             "loss_ibot": ibot_loss.detach(), "teacher_temp": temperature, "mask_ratio": masks.float().mean(),
