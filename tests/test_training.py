@@ -9,7 +9,7 @@ from vitrail.errors import VitrailError
 from vitrail.launch import checkpoints
 from vitrail.launch.config import from_dict
 from vitrail.launch.local import pretrain
-from vitrail.launch.loop import clip_gradients, parameter_groups
+from vitrail.ssl.base import Method
 
 from conftest import resumed_trainer, tiny_config_tree
 
@@ -68,14 +68,21 @@ def test_missing_shards_and_tiny_datasets_are_named(fashion_shards, tmp_path):
         pretrain(from_dict(tree), progress=False)
 
 
-def test_weight_decay_groups_and_per_parameter_clipping():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    decayed, plain = parameter_groups(model)
+class _LinearThenNorm(Method):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+
+
+def test_default_weight_decay_groups_and_per_parameter_clipping():
+    model = _LinearThenNorm()
+    decayed, plain = model.parameter_groups()
     assert [p.shape for p in decayed["params"]] == [torch.Size([4, 4])]
     assert len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
+    assert decayed["lr_multiplier"] == plain["lr_multiplier"] == 1.0 and model.lr_scaling == "linear_256"
     for parameter, scale in zip(model.parameters(), (10.0, 0.1, 5.0, 1.0)):
         parameter.grad = torch.full_like(parameter, scale)
     norms_before = [p.grad.norm().item() for p in model.parameters()]
-    clip_gradients(model, 3.0)
+    model.clip_gradients(3.0)
     for parameter, before in zip(model.parameters(), norms_before):
         assert parameter.grad.norm().item() == pytest.approx(min(before, 3.0), rel=1e-4)

@@ -10,11 +10,12 @@ import inspect
 
 from torch import nn
 
-from vitrail.backbones import conformer, levit, mobileformer, resnet, swin, vit
+from vitrail.backbones import conformer, dinov2, levit, mobileformer, resnet, swin, vit
 from vitrail.errors import VitrailError
 
 _ARCHITECTURES = [
     (vit.VisionTransformer, vit.VARIANTS),
+    (dinov2.DinoVisionTransformer, dinov2.VARIANTS),
     (swin.SwinTransformer, swin.VARIANTS),
     (levit.LeViT, levit.VARIANTS),
     (conformer.Conformer, conformer.VARIANTS),

@@ -137,7 +137,7 @@ class Conformer(nn.Module):
         self.embed_dim = channels[-1] + trans_dim
         self.patch_size = patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, trans_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: buildable on the meta device
 
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

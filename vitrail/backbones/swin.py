@@ -212,7 +212,7 @@ class SwinTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, base_dim)
         # Only iBOT-style training needs it; leaving it out keeps timm checkpoints strict-loadable.
         self.mask_token = nn.Parameter(torch.zeros(1, base_dim)) if mask_token else None
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))  # cpu: buildable on meta
         self.layers = nn.Sequential(
             *(
                 SwinStage(

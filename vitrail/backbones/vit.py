@@ -124,7 +124,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         # Only iBOT-style training needs it; leaving it out keeps DINO checkpoints strict-loadable.
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: buildable on the meta device
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate) for rate in rates
         )

@@ -1,4 +1,4 @@
-"""The backbone to evaluate, from a vitrail run or from a checkpoint in DINO's / iBOT's released formats.
+"""The backbone to evaluate, from a vitrail run or from a checkpoint in DINO's / iBOT's / DINOv2's released formats.
 
 A vitrail checkpoint stores its config, so it rebuilds itself. Any other file is read as DINO's
 `load_pretrained_weights` reads one (DINO utils.py; iBOT keeps the same function):
@@ -6,9 +6,11 @@ A vitrail checkpoint stores its config, so it rebuilds itself. Any other file is
     `patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, ..., `norm.weight`;
   - DINO's training checkpoint: {"teacher": {"module.backbone.<key>" or "backbone.<key>"}, "student", ...};
     the teacher is evaluated, DINO's default checkpoint key;
-  - iBOT's released backbones (checkpoint_teacher.pth): {"state_dict": {<key>: ...}}.
-`module.` and `backbone.` prefixes are stripped; projection heads (`head.*`) and mask embeddings
-are dropped. Such files carry no architecture, so `--arch` names it; the ViT patch size, input
+  - iBOT's released backbones (checkpoint_teacher.pth): {"state_dict": {<key>: ...}};
+  - DINOv2's hub backbones (dinov2_vits14_pretrain.pth, ..._reg4_pretrain.pth): plain state dicts
+    (`--arch dinov2_vits14` etc.), and its training teacher_checkpoint.pth ({"teacher": ...}).
+`module.` and `backbone.` prefixes are stripped; projection heads (`head.*`, DINOv2's `dino_head.*`
+and `ibot_head.*`) and the mask embeddings of backbones without one are dropped. Such files carry no architecture, so `--arch` names it; the ViT patch size, input
 channels and position grid are read from the weights (`--patch-size`, when given, is checked).
 """
 
@@ -32,7 +34,7 @@ from vitrail.launch.config import DataSection, from_dict
 _WRAPPER_KEYS = ("teacher", "state_dict")  # DINO's training checkpoint, iBOT's released backbones
 _PREFIXES = ("module.", "backbone.")
 # Weights a pretraining checkpoint holds beside the backbone's: projection heads, iBOT's mask embedding.
-_NOT_BACKBONE = ("head.", "masked_embed", "mask_token")
+_NOT_BACKBONE = ("head.", "dino_head.", "ibot_head.", "masked_embed", "mask_token")
 RELEASED_CROP = 224  # DINO evaluates 224 centre crops (of images resized to 256)
 
 

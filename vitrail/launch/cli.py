@@ -135,11 +135,14 @@ def _report(args) -> None:
 
 
 def _backbones(args) -> None:
+    import torch
+
     from vitrail import backbones
 
     print("| backbone | embed_dim | parameters (features only) |\n|---|---|---|")
     for name in backbones.names():
-        model = backbones.create(name)
+        with torch.device("meta"):  # shapes only: ViT-g/14 would take 4.5 GB
+            model = backbones.create(name)
         print(f"| {name} | {model.embed_dim} | {sum(p.numel() for p in model.parameters()):,} |")
 
 

@@ -84,7 +84,8 @@ class OptimSection(Section):
     # cosine to 1e-6; weight decay cosine 0.04 -> 0.4; gradient clipping 3.0; 100 epochs.
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1, description="images per worker per step")
-    lr: float = Field(5e-4, gt=0, description="learning rate for a global batch of 256")
+    lr: float = Field(5e-4, gt=0, description="learning rate at the method's reference batch: 256, scaled linearly "
+                                        "(DINO and most methods); 1024, scaled by the square root (DINOv2)")
     min_lr: float = Field(1e-6, ge=0)
     warmup_epochs: float = Field(10, ge=0)
     weight_decay: float = Field(0.04, ge=0)

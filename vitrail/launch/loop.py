@@ -6,6 +6,7 @@ it view batches, steps AdamW on the paper's schedules, and checkpoints and logs 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,23 +54,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def parameter_groups(module: nn.Module) -> list[dict]:
-    """Weight decay on weight matrices only; none on biases and norm parameters (DINO's utils)."""
-    decayed, plain = [], []
-    for name, parameter in module.named_parameters():
-        if parameter.requires_grad:
-            (plain if parameter.ndim <= 1 or name.endswith(".bias") else decayed).append(parameter)
-    return [{"params": decayed, "decay": True}, {"params": plain, "decay": False, "weight_decay": 0.0}]
-
-
-def clip_gradients(module: nn.Module, max_norm: float) -> None:
-    """Clip each parameter's gradient to `max_norm` separately, as DINO's clip_gradients does."""
-    for parameter in module.parameters():
-        if parameter.grad is not None:
-            norm = parameter.grad.norm()
-            parameter.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-
-
 class Trainer:
     """Owns the method, optimizer and step counter of one worker."""
 
@@ -83,7 +67,7 @@ class Trainer:
             # Student and EMA teacher alike: both normalise by batch statistics in training mode.
             self.method = sync_batchnorm.convert(self.method, self.device)
         float32_norms(self.method)  # after the conversion, which on CUDA builds new BatchNorm layers
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.method))
+        self.optimizer = torch.optim.AdamW(self.method.parameter_groups())
         self.step = 0
         self.views = config.method.views()
         self.autocast = uses_bf16(config.run.precision, self.device)
@@ -127,13 +111,14 @@ class Trainer:
     def set_schedules(self) -> dict[str, float]:
         optim, steps = self.config.optim, self.schedule
         global_batch = optim.batch_size * self.world_size
-        # Linear scaling rule (DINO Sec. 4 / App.): lr = base_lr * global batch / 256.
-        peak_lr = optim.lr * global_batch / 256
+        # The method's scaling rule (vitrail.ssl.base.Method.lr_scaling): DINO's lr x batch / 256 by default.
+        batch_scale = {"linear_256": global_batch / 256, "sqrt_1024": math.sqrt(global_batch / 1024)}
+        peak_lr = optim.lr * batch_scale[self.method.lr_scaling]
         warmup = int(optim.warmup_epochs * steps.steps_per_epoch)
         lr = cosine(self.step, steps.total_steps, peak_lr, optim.min_lr, warmup_steps=warmup)
         weight_decay = cosine(self.step, steps.total_steps, optim.weight_decay, optim.weight_decay_end)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_multiplier"]
             if group["decay"]:
                 group["weight_decay"] = weight_decay
         return {"lr": lr, "weight_decay": weight_decay}
@@ -152,7 +137,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.optim.clip_grad > 0:
-            clip_gradients(self.method, self.config.optim.clip_grad)
+            self.method.clip_gradients(self.config.optim.clip_grad)
         self.optimizer.step()
         logged.update(self.method.after_step(self.step))
         self.step += 1

@@ -164,28 +164,35 @@ class BlockMasking:
 
     def mask(self, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
         """One (height, width) bool mask."""
-        mask = torch.zeros(height, width, dtype=torch.bool)
-        target = self.ratio(generator) * height * width
-        min_area = (min(height, width) // 3) ** 2
-        log_aspect = (math.log(self.aspect[0]), math.log(self.aspect[1]))
-        while mask.sum() < target:
-            budget = target - mask.sum().item()
-            for _ in range(10):
-                area = _uniform(generator, min_area, budget)
-                aspect = math.exp(_uniform(generator, *log_aspect))
-                h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-                if h < height and w < width:
-                    top = int(torch.randint(0, height - h + 1, (), generator=generator))
-                    left = int(torch.randint(0, width - w + 1, (), generator=generator))
-                    added = h * w - mask[top:top + h, left:left + w].sum().item()
-                    # A block that would overshoot the budget or add nothing is redrawn.
-                    if 0 < added <= budget:
-                        mask[top:top + h, left:left + w] = True
-                        break
-            else:
-                break
-        return mask
+        return blocks_mask(height, width, self.ratio(generator) * height * width, (min(height, width) // 3) ** 2,
+                           height * width, self.aspect, generator)
 
     def __call__(self, count: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
         """(count, height, width) bool masks, one ratio drawn per mask."""
         return torch.stack([self.mask(height, width, generator) for _ in range(count)])
+
+
+def blocks_mask(height: int, width: int, target: float, min_area: float, max_area: float,
+                aspect: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """BEiT's blockwise masking (Bao et al. 2022, Alg. 1), as iBOT and DINOv2 use it: rectangles
+    of area in [min_area, min(max_area, what is left)] and aspect in `aspect` are added to a
+    (height, width) bool mask until `target` patches are masked or ten tries add nothing."""
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    while mask.sum() < target:
+        budget = min(target - mask.sum().item(), max_area)
+        for _ in range(10):
+            area = _uniform(generator, min_area, budget)
+            ratio = math.exp(_uniform(generator, *log_aspect))
+            h, w = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+            if h < height and w < width:
+                top = int(torch.randint(0, height - h + 1, (), generator=generator))
+                left = int(torch.randint(0, width - w + 1, (), generator=generator))
+                added = h * w - mask[top:top + h, left:left + w].sum().item()
+                # A block that would overshoot the budget or add nothing is redrawn.
+                if 0 < added <= budget:
+                    mask[top:top + h, left:left + w] = True
+                    break
+        else:
+            break
+    return mask

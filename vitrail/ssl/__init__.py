@@ -5,6 +5,8 @@
     loss, metrics = method(views, step)   # one forward
     method.after_step(step)               # after the optimizer step: EMA teacher, schedules
     method.backbone_for_eval()            # the module whose frozen features are evaluated
+    method.parameter_groups(), method.clip_gradients(max_norm), method.lr_scaling
+                                          # the optimizer's view (vitrail.ssl.base.Method: DINO's by default)
 
 and optionally `method.on_epoch_start(epoch, training_set_features)`, which the training loop
 calls before each epoch's first step (DeepCluster re-clusters the whole training set there).
@@ -20,6 +22,7 @@ from torch import nn
 from vitrail.ssl.byol import BYOL, BYOLConfig
 from vitrail.ssl.deepcluster import DeepCluster, DeepClusterConfig
 from vitrail.ssl.dino import DINO, DINOConfig
+from vitrail.ssl.dinov2 import DINOv2, DINOv2Config
 from vitrail.ssl.ibot import IBOT, IBOTConfig
 from vitrail.ssl.rotnet import RotNet, RotNetConfig
 
@@ -27,6 +30,7 @@ METHODS = {
     "byol": (BYOLConfig, BYOL),
     "deepcluster": (DeepClusterConfig, DeepCluster),
     "dino": (DINOConfig, DINO),
+    "dinov2": (DINOv2Config, DINOv2),
     "ibot": (IBOTConfig, IBOT),
     "rotnet": (RotNetConfig, RotNet),
 }

@@ -19,6 +19,7 @@ from torch import nn
 
 from vitrail import backbones
 from vitrail.pipelines.views import MultiCrop
+from vitrail.ssl.base import Method
 from vitrail.ssl.ema import update_teacher
 from vitrail.ssl.schedules import cosine
 
@@ -56,7 +57,7 @@ def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (2 - 2 * F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1)).mean()
 
 
-class BYOL(nn.Module):
+class BYOL(Method):
     """Online and EMA target networks; `loss, metrics = byol([view_1, view_2], step)`."""
 
     def __init__(self, config: BYOLConfig, backbone: str, backbone_kwargs: dict,

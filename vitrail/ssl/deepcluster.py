@@ -26,6 +26,7 @@ from vitrail import backbones
 from vitrail.errors import VitrailError
 from vitrail.eval.faiss_blas import faiss
 from vitrail.pipelines.views import EvalTransform, SingleCrop, key_ids, sample_generator
+from vitrail.ssl.base import Method
 
 
 class DeepClusterConfig(BaseModel):
@@ -81,7 +82,7 @@ def kmeans(points: np.ndarray, k: int, iterations: int, seed: int) -> tuple[np.n
     return assignment[:, 0].astype(np.int64), float(clustering.iteration_stats.at(iterations - 1).obj)
 
 
-class DeepCluster(nn.Module):
+class DeepCluster(Method):
     """Backbone + re-initialised linear classifier on k-means pseudo-labels.
 
     Uniform sampling over clusters (Sec. 3.3), which keeps a few large clusters from dominating,

@@ -19,6 +19,7 @@ from torch import nn
 
 from vitrail import backbones
 from vitrail.pipelines.views import MultiCrop
+from vitrail.ssl.base import Method
 from vitrail.ssl.ema import update_teacher
 from vitrail.ssl.heads import DINOHead
 from vitrail.ssl.schedules import cosine, linear_warmup
@@ -70,16 +71,9 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], teacher_temp: float):
         teacher_probs = [F.softmax((t.detach().float() - self.center) / teacher_temp, dim=-1) for t in teacher_out]
-        student_log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_out]
-        total, pairs = 0.0, 0
-        for teacher_view, q in enumerate(teacher_probs):
-            for student_view, log_p in enumerate(student_log_probs):
-                if student_view == teacher_view:
-                    continue
-                total = total + torch.sum(-q * log_p, dim=-1).mean()
-                pairs += 1
+        loss = multi_view_cross_entropy(student_out, teacher_probs, self.student_temp)
         self.update_center(teacher_out)
-        return total / pairs
+        return loss
 
     @torch.no_grad()
     def update_center(self, teacher_out: list[torch.Tensor]) -> None:
@@ -90,6 +84,22 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+def multi_view_cross_entropy(student_out: list[torch.Tensor], teacher_probs: list[torch.Tensor],
+                             student_temp: float) -> torch.Tensor:
+    """Eq. 3: cross-entropy between each teacher view's target distribution (B, K) and the
+    student's softmax at `student_temp` for every other view, averaged over batch and pairs.
+    The first len(teacher_probs) student views are the teacher's views, in the same order."""
+    student_log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_out]
+    total, pairs = 0.0, 0
+    for teacher_view, q in enumerate(teacher_probs):
+        for student_view, log_p in enumerate(student_log_probs):
+            if student_view == teacher_view:
+                continue
+            total = total + torch.sum(-q * log_p, dim=-1).mean()
+            pairs += 1
+    return total / pairs
 
 
 @torch.no_grad()
@@ -119,7 +129,7 @@ class _Network(nn.Module):
         return list(logits.chunk(len(crops)))
 
 
-class DINO(nn.Module):
+class DINO(Method):
     """Student and EMA teacher; `loss, metrics = dino(views, step)`, views as `config.views()` makes them."""
 
     def __init__(self, config: DINOConfig, backbone: str, backbone_kwargs: dict,

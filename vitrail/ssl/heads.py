@@ -21,8 +21,10 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_norm)
 
     def forward(self, x, frozen: bool = False):
-        weight_v = self.weight_v.detach() if frozen else self.weight_v
-        weight = self.weight_g * weight_v / weight_v.norm(dim=1, keepdim=True)
+        # Frozen: no gradient reaches g or v, as DINO's cancel_gradients_last_layer drops every
+        # `last_layer` gradient and DINOv2 zeroes the last layer's learning rate.
+        weight_g, weight_v = (self.weight_g.detach(), self.weight_v.detach()) if frozen else (self.weight_g, self.weight_v)
+        weight = weight_g * weight_v / weight_v.norm(dim=1, keepdim=True)
         return F.linear(x, weight)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from vitrail import backbones
 from vitrail.pipelines.views import Rotations
+from vitrail.ssl.base import Method
 
 NUM_ROTATIONS = 4
 
@@ -42,7 +43,7 @@ def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return F.cross_entropy(logits.float(), labels), (logits.argmax(dim=1) == labels).float().mean()
 
 
-class RotNet(nn.Module):
+class RotNet(Method):
     """Backbone + linear rotation classifier; `loss, metrics = rotnet(views, step)`."""
 
     def __init__(self, config: RotNetConfig, backbone: str, backbone_kwargs: dict,
