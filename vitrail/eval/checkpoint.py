@@ -68,7 +68,7 @@ def open_checkpoint(path: str | os.PathLike, arch: str | None = None, patch_size
     with torch.serialization.safe_globals([argparse.Namespace]):
         state = checkpoints.load(file)
     if isinstance(state, dict) and "config" in state and "method" in state:
-        return _vitrail_checkpoint(Path(file), state)
+        return _vitrail_checkpoint(Path(file), state, arch)
     return _released_checkpoint(Path(file), state, arch, patch_size)
 
 
@@ -87,8 +87,11 @@ def _seeded(build):
         return build()
 
 
-def _vitrail_checkpoint(file: Path, state: dict) -> Checkpoint:
+def _vitrail_checkpoint(file: Path, state: dict, arch: str | None) -> Checkpoint:
     config = from_dict(state["config"], f"config stored in {file}")
+    if arch is not None and arch != config.model.backbone:
+        raise VitrailError(f"--arch {arch} disagrees with {file}, a vitrail checkpoint of a {config.model.backbone}; "
+                           "drop --arch (vitrail runs store their backbone)")
 
     def build():
         return ssl.build(config, steps_per_epoch=1, total_steps=1)
