@@ -95,6 +95,10 @@ class RaySection(Section):
     gpus_per_worker: float = Field(0, ge=0)
     torch_threads: Optional[int] = Field(None, ge=1, description="intra-op threads per worker (default: cpus_per_worker)")
     address: Optional[str] = Field(None, description="existing cluster (ray://host:10001 or auto); default starts one on 127.0.0.1")
+    # A run that starts its own cluster binds everything to 127.0.0.1; on a cluster, the workers'
+    # torch.distributed store binds the node address Ray was started with (`ray start --node-ip-address`).
+    interface: Optional[str] = Field(None, description="network interface (e.g. eth1) of the workers' gloo / NCCL "
+                                     "sockets on a cluster (ray.address set); default: the libraries' choice")
     object_store_mb: Optional[int] = Field(None, ge=64)
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
 
