@@ -111,8 +111,12 @@ def test_cli_pretrain_keeps_ray_on_loopback_without_any_env(fashion_shards, tmp_
            if key not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLOO_SOCKET_IFNAME", "MASTER_ADDR")}
     driver = subprocess.Popen([sys.executable, "-c", script, "pretrain", str(config_file)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with watch_listeners(lambda: [psutil.Process(driver.pid)]) as listeners:
-        stdout, stderr = driver.communicate(timeout=500)
+    root = psutil.Process(driver.pid)
+    try:
+        with watch_listeners(lambda: [root]) as listeners:
+            stdout, stderr = driver.communicate(timeout=900)
+    finally:
+        driver.kill()  # a no-op once it has ended
     assert driver.returncode == 0, stderr[-3000:]
     assert "NODES ['127.0.0.1']" in stdout
     assert checkpoints.latest_step(tmp_path / "run") == 4

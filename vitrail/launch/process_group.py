@@ -16,6 +16,7 @@ from datetime import timedelta
 
 import ray
 import torch.distributed as dist
+from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
@@ -39,7 +40,8 @@ def _join(backend: str, address: str, port: int, listen_fd: int | None, rank: in
 class _BoundStoreBackend(_TorchBackend):
     def on_start(self, worker_group, backend_config: "BoundStoreTorchConfig") -> None:
         address, port, listen_fd = worker_group.execute_single(0, _listen)
-        worker_group.execute(_set_torch_distributed_env_vars)  # LOCAL_RANK, RANK, ... as Ray Train sets them
+        if not isinstance(worker_group, V1WorkerGroup):  # Ray Train v1 sets them later, in on_training_start
+            worker_group.execute(_set_torch_distributed_env_vars)  # LOCAL_RANK, RANK, ... as Ray Train's backend does
         world_size = len(worker_group)
         ray.get([worker_group.execute_single_async(rank, _join, backend_config.backend, address, port,
                                                    listen_fd if rank == 0 else None, rank, world_size,
