@@ -39,7 +39,7 @@ def head_node(capsys):
         shutil.rmtree(submit.cluster_dir(port), ignore_errors=True)
 
 
-def _wait_for_end(capsys, job_id, address, timeout=150) -> str:
+def _wait_for_end(capsys, job_id, address, timeout=420) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = _printed(capsys, "jobs", "status", job_id, "--address", address).strip()
