@@ -1,6 +1,8 @@
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +53,33 @@ def test_bad_values_name_the_key(tmp_path, override, message):
     path = _write(tmp_path, "method: {name: dino}\n")
     with pytest.raises(VitrailError, match=message):
         config_module.load(path, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.batch_size=true", "optim.batch_size: expected an integer (got True)"),
+    ("optim.epochs='3'", "optim.epochs: expected an integer (got '3')"),
+    ("optim.lr=false", "optim.lr: expected a number (got False)"),
+    ("optim.lr=.nan", "optim.lr: expected a finite number (got nan)"),
+    ("optim.weight_decay=inf", "optim.weight_decay: expected a finite number (got 'inf')"),
+    ("data.mean=[-.inf, 0.5, 0.5]", "data.mean[0]: expected a finite number"),
+    ("data.channels=true", "data.channels: expected one of 1, 3 (got True)"),
+    ("model.sync_batchnorm=1", "model.sync_batchnorm: expected true or false (got 1)"),
+    ("method.momentum_teacher=nan", "method.momentum_teacher: expected a finite number"),
+    ("method.local_crops_number=true", "method.local_crops_number: expected an integer"),
+    ("method.global_crops_scale=[true, 1.0]", "method.global_crops_scale[0]: expected a number"),
+])
+def test_strict_types_and_finite_floats(tmp_path, override, message):
+    path = _write(tmp_path, "method: {name: dino}\n")
+    with pytest.raises(VitrailError, match=re.escape(message)):
+        config_module.load(path, [override])
+
+
+def test_floats_take_ints_and_yaml_exponents_every_recipe_loads(tmp_path):
+    # PyYAML reads `1e-3` (no dot) as a string: it is still a learning rate.
+    config = config_module.load(_write(tmp_path, "method: {name: dino}\noptim: {lr: 1e-3, warmup_epochs: 2}\n"))
+    assert (config.optim.lr, config.optim.warmup_epochs) == (0.001, 2.0)
+    for recipe in sorted(Path("configs").glob("*.yaml")):
+        config_module.load(recipe)
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -8,12 +8,14 @@ import sys
 import threading
 import time
 
+import psutil
 
 from vitrail.launch import checkpoints
 from vitrail.launch.config import from_dict
 from vitrail.launch.train import pretrain
 
 from conftest import tiny_config_tree
+from listeners import off_loopback, watch_listeners
 
 
 def _rows(run_dir):
@@ -37,15 +39,20 @@ def test_lost_worker_restarts_from_the_checkpoint(ray_cluster, fashion_shards, t
                             ray={"workers": 2, "max_failures": 1, "cpus_per_worker": 0.5})
     failure = []
     thread = threading.Thread(target=lambda: _capture(failure, pretrain, from_dict(tree), dashboard=False))
-    thread.start()
-    _wait_for(lambda: checkpoints.latest_step(run_dir) >= 4, 240, "the first checkpoint")
-    killed_after = checkpoints.latest_step(run_dir)
-    cluster = ray_cluster.get_runtime_context().gcs_address  # this test's cluster, whatever else runs here
-    workers = list_actors(address=cluster, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert len(workers) == 2
-    os.kill(workers[1]["pid"], signal.SIGKILL)
-    thread.join(timeout=400)
+    # This process started the test's Ray cluster: its descendants are every Ray process of the run,
+    # the two DDP workers with their torch.distributed store and gloo sockets among them.
+    with watch_listeners(lambda: [psutil.Process()]) as listeners:
+        thread.start()
+        _wait_for(lambda: checkpoints.latest_step(run_dir) >= 4, 240, "the first checkpoint")
+        killed_after = checkpoints.latest_step(run_dir)
+        cluster = ray_cluster.get_runtime_context().gcs_address  # this test's cluster, whatever else runs here
+        workers = list_actors(address=cluster, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        assert len(workers) == 2
+        os.kill(workers[1]["pid"], signal.SIGKILL)
+        thread.join(timeout=400)
     assert not thread.is_alive() and not failure, failure
+    assert any("RayTrainWorker" in name for _, _, name in listeners), listeners
+    assert not off_loopback(listeners), off_loopback(listeners)
 
     assert checkpoints.latest_step(run_dir) == 16  # the step count of an uninterrupted run
     # The group was restarted: Ray's state keeps the dead workers beside their replacements.

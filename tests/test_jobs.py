@@ -1,8 +1,10 @@
 """`vitrail cluster up`, `submit` and `jobs` end to end, on a real head node's Jobs API."""
 
 import json
+import os
 import re
 import shutil
+import socket
 import sys
 import time
 
@@ -12,8 +14,10 @@ import yaml
 
 from vitrail.launch import checkpoints, submit
 from vitrail.launch.cli import main
+from vitrail.launch.lock import run_dir_lock
 
 from conftest import tiny_config_tree
+from listeners import off_loopback, watch_listeners
 
 
 def _printed(capsys, *argv) -> str:
@@ -35,7 +39,7 @@ def head_node(capsys):
         shutil.rmtree(submit.cluster_dir(port), ignore_errors=True)
 
 
-def _wait_for_end(capsys, job_id, address, timeout=150) -> str:
+def _wait_for_end(capsys, job_id, address, timeout=420) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = _printed(capsys, "jobs", "status", job_id, "--address", address).strip()
@@ -50,12 +54,22 @@ def test_submitted_job_trains_evaluates_and_cluster_down_stops_only_its_node(
     port, address = head_node
     run_dir = tmp_path / "run"
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_config_tree(fashion_shards, run_dir, optim={"max_steps": 4})))
+    recipe.write_text(yaml.safe_dump(tiny_config_tree(fashion_shards, run_dir, optim={"max_steps": 4}, run={"precision": "fp32"})))
+
+    # A run dir another run holds is refused at submission, naming the holder.
+    with run_dir_lock(run_dir):
+        assert main(["submit", str(recipe), "--address", address]) == 2
+        assert f"run dir {run_dir} is in use by pid {os.getpid()} on host {socket.gethostname()}" in capsys.readouterr().err
 
     printed = _printed(capsys, "submit", str(recipe), "run.log_every=1", "--address", address)
     job_id = re.search(r"submitted job (\S+)", printed).group(1)
     assert f"run dir: {run_dir}" in printed
-    state = _wait_for_end(capsys, job_id, address)
+    # The head's processes and their descendants (the job's driver, its Ray Train worker): every
+    # listener stays on 127.0.0.1, the worker's torch.distributed store included.
+    with watch_listeners(lambda: submit._recorded_processes(port)) as listeners:
+        state = _wait_for_end(capsys, job_id, address)
+    assert any("RayTrainWorker" in name for _, _, name in listeners), listeners
+    assert not off_loopback(listeners), off_loopback(listeners)
     logs = _printed(capsys, "jobs", "logs", job_id, "--address", address)
     assert state == "SUCCEEDED", logs
     # The job pretrained, then ran the k-NN eval on the config's eval shards, with baselines.

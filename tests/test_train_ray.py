@@ -90,22 +90,37 @@ def test_two_workers_share_batchnorm_statistics_only_with_sync_batchnorm(ray_clu
 def test_cli_pretrain_keeps_ray_on_loopback_without_any_env(fashion_shards, tmp_path):
     """`vitrail pretrain` in a fresh process whose environment says nothing about Ray: the node
     it starts must be 127.0.0.1, not the machine's outward address (Ray picks that unless its
-    single-machine mode is set before `ray` is first imported)."""
+    single-machine mode is set before `ray` is first imported), and nothing the run opens (Ray's
+    servers, the dashboard, the training worker's torch.distributed store, gloo) listens beyond it."""
     import os
     import subprocess
     import sys
 
+    import psutil
     import yaml
 
+    from listeners import off_loopback, watch_listeners
+
     config_file = tmp_path / "tiny.yaml"
-    tree = tiny_config_tree(fashion_shards, tmp_path / "run", optim={"epochs": 1, "batch_size": 32, "max_steps": 2})
+    tree = tiny_config_tree(fashion_shards, tmp_path / "run", optim={"epochs": 1, "batch_size": 32, "max_steps": 4},
+                            run={"precision": "fp32"})
     config_file.write_text(yaml.safe_dump(tree))
     script = ("import sys; from vitrail.launch.cli import main; code = main(sys.argv[1:]); import ray; "
               "print('NODES', sorted(node['NodeManagerAddress'] for node in ray.nodes())); sys.exit(code)")
     env = {key: value for key, value in os.environ.items()
            if key not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLOO_SOCKET_IFNAME", "MASTER_ADDR")}
-    done = subprocess.run([sys.executable, "-c", script, "pretrain", str(config_file), "--no-dashboard"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "NODES ['127.0.0.1']" in done.stdout
-    assert checkpoints.latest_step(tmp_path / "run") == 2
+    driver = subprocess.Popen([sys.executable, "-c", script, "pretrain", str(config_file)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(driver.pid)
+    try:
+        with watch_listeners(lambda: [root]) as listeners:
+            stdout, stderr = driver.communicate(timeout=900)
+    finally:
+        driver.kill()  # a no-op once it has ended
+    assert driver.returncode == 0, stderr[-3000:]
+    assert "NODES ['127.0.0.1']" in stdout
+    assert checkpoints.latest_step(tmp_path / "run") == 4
+    # The store's process is named after Ray's worker actor; the dashboard ran too (no --no-dashboard).
+    names = {name for _, _, name in listeners}
+    assert any("RayTrainWorker" in name for name in names) and any("dashboard" in name.lower() for name in names), listeners
+    assert not off_loopback(listeners), off_loopback(listeners)

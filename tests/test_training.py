@@ -53,9 +53,11 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(fashion_
     tree = tiny_config_tree(fashion_shards, tmp_path / "run", optim={"max_steps": 4, "batch_size": 32})
     pretrain(from_dict(tree), progress=False)
     tree["optim"]["max_steps"] = 8
-    tree["data"]["mean"] = [float("nan")]  # poisons every input, hence the loss
+    poisoned = from_dict(tree)
+    # A recipe cannot say nan (refused at parse time); set after it, it poisons every input, hence the loss.
+    poisoned.data.mean = [float("nan")]
     with pytest.raises(VitrailError, match="loss is nan at step 4.*checkpoint"):
-        pretrain(from_dict(tree), progress=False)
+        pretrain(poisoned, progress=False)
     assert checkpoints.latest_step(tmp_path / "run") == 4
 
 

@@ -70,7 +70,7 @@ def open_checkpoint(path: str | os.PathLike, arch: str | None = None, patch_size
     with torch.serialization.safe_globals([argparse.Namespace]):
         state = checkpoints.load(file)
     if isinstance(state, dict) and "config" in state and "method" in state:
-        return _vitrail_checkpoint(Path(file), state)
+        return _vitrail_checkpoint(Path(file), state, arch)
     return _released_checkpoint(Path(file), state, arch, patch_size)
 
 
@@ -89,8 +89,11 @@ def _seeded(build):
         return build()
 
 
-def _vitrail_checkpoint(file: Path, state: dict) -> Checkpoint:
+def _vitrail_checkpoint(file: Path, state: dict, arch: str | None) -> Checkpoint:
     config = from_dict(state["config"], f"config stored in {file}")
+    if arch is not None and arch != config.model.backbone:
+        raise VitrailError(f"--arch {arch} disagrees with {file}, a vitrail checkpoint of a {config.model.backbone}; "
+                           "drop --arch (vitrail runs store their backbone)")
     config.run.compile = False  # one pass over the evaluation data would not repay a compilation
 
     def build():

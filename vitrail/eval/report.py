@@ -41,6 +41,7 @@ def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, ks=D
     checkpoint = open_checkpoint(path, arch, patch_size)
     train_index = read_index(train_shards or checkpoint.eval_train_shards or _missing("train"))
     test_index = read_index(test_shards or checkpoint.eval_test_shards or _missing("test"))
+    label_map = test_label_map(train_index, test_index, log)
     crop_size = crop_size or checkpoint.crop_size
     transform = EvalTransform.at(crop_size, resize_size)
     models = [(checkpoint.name, checkpoint.backbone, checkpoint.identity())]
@@ -77,12 +78,14 @@ def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, ks=D
             if "knn" in results:
                 columns = cls_columns(mode, getattr(model, "embed_dim", train.features.shape[1]))
                 accuracies, _ = knn_in_subprocess(train.folder, test.folder, columns, ks, temperature,
-                                                  max_memory_mb=knn_memory_mb, num_threads=faiss_threads)
+                                                  max_memory_mb=knn_memory_mb, num_threads=faiss_threads,
+                                                  test_label_map=label_map)
                 dim = train.features[:1, columns].shape[1]
                 results["knn"] += [{**row, "dim": dim, "k": k, "temperature": temperature, **accuracies[k]} for k in ks]
             if "linear" in results:
                 # Raw pixels need standardising; backbone features go in as they are (DINO).
-                probe = linear_probe(np.array(train.features), train.labels, np.array(test.features), test.labels,
+                test_labels = test.labels if label_map is None else label_map[test.labels]
+                probe = linear_probe(np.array(train.features), train.labels, np.array(test.features), test_labels,
                                      epochs=linear_epochs, standardize=name == "raw pixels", device=device)
                 results["linear"].append({**row, "dim": train.features.shape[1], "probe_features": mode, **probe,
                                           "epochs": linear_epochs})
@@ -90,6 +93,24 @@ def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, ks=D
         if scratch:
             scratch.cleanup()
     return results
+
+
+def test_label_map(train: ShardIndex, test: ShardIndex, log=print) -> np.ndarray | None:
+    """Where each test label's class sits in the train class list: None when both shard sets list the
+    same classes in the same order. Labels are positions in a class list, so comparing them across
+    two lists in different orders would score right answers as wrong."""
+    if train.classes == test.classes:
+        return None
+    if sorted(train.classes) != sorted(test.classes):
+        raise VitrailError(f"train and test shards name different classes: {train.folder} has {_names(train.classes)}, "
+                           f"{test.folder} has {_names(test.classes)}; evaluate on shard sets of one data set")
+    log(f"{test.folder} lists the classes of {train.folder} in another order: test labels are mapped by class name")
+    return np.array([train.classes.index(name) for name in test.classes], dtype=np.int64)
+
+
+def _names(classes: list[str], shown: int = 20) -> str:
+    more = f" ... ({len(classes)} in all)" if len(classes) > shown else ""
+    return f"[{', '.join(classes[:shown])}{more}]"
 
 
 def _batches(model, index: ShardIndex, transform, data, mode, limit, workers, device):

@@ -2,11 +2,14 @@
 
 A checkpoint is written to a temporary file in the same folder and renamed into place, so a
 process killed mid-write leaves the previous checkpoint intact; loading uses
-`weights_only=True`, so a checkpoint cannot run code.
+`weights_only=True`, so a checkpoint cannot run code. A checkpoint damaged all the same (a disk
+filled up, a copy cut short) is renamed `*.corrupt` when a run resumes, which goes on from the
+newest one that loads.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,6 +19,7 @@ import torch
 from vitrail.errors import VitrailError
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
+log = logging.getLogger("vitrail.run")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -49,7 +53,30 @@ def save(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
     return path
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
+def newest_intact(run_dir: str | Path) -> tuple[Path, dict] | None:
+    """(file, state) of the newest checkpoint that loads, None when there is none. Newer ones that
+    do not load are reported and renamed `*.corrupt` (kept to inspect), so that the resume, its data
+    epoch and the next checkpoint's pruning all go on from the intact one. The state is memory-mapped:
+    its tensors are read from disk only when touched."""
+    found = list_checkpoints(run_dir)
+    corrupt = []
+    for path in reversed(found):
+        try:
+            state = load(path, mmap=True)
+        except VitrailError as error:
+            corrupt.append((path, error))
+            continue
+        for damaged, error in corrupt:
+            os.replace(damaged, damaged.with_name(f"{damaged.name}.corrupt"))
+            log.warning("%s; renamed it %s.corrupt, resuming from %s", error, damaged.name, path.name)
+        return path, state
+    if found:
+        raise VitrailError(f"no checkpoint in {checkpoint_dir(run_dir)} loads: " + "; ".join(str(error) for _, error in corrupt)
+                           + "; start over with --reset (the old run is kept aside) or set another run.dir")
+    return None
+
+
+def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     path = Path(path)
     if path.is_dir():
         found = list_checkpoints(path)
@@ -59,6 +86,6 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if not path.exists():
         raise VitrailError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for unreadable or unsafe files
         raise VitrailError(f"cannot load checkpoint {path}: {error}") from None

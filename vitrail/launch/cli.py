@@ -42,10 +42,10 @@ def _pretrain(args) -> None:
     config = config_module.load(args.config, overrides)
     if args.local:
         from vitrail.launch.local import pretrain
-        pretrain(config)
+        pretrain(config, reset=args.reset)
     else:
         from vitrail.launch.train import pretrain
-        pretrain(config, dashboard=not args.no_dashboard)
+        pretrain(config, dashboard=not args.no_dashboard, reset=args.reset)
     print(f"run dir: {Path(config.run.dir)}")
 
 
@@ -199,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone", description="Pretrain the backbone and method "
                                    "of CONFIG. Runs on Ray (a one-node cluster on 127.0.0.1 unless --address is given); "
-                                   "re-running with the same run dir resumes from its last checkpoint.")
+                                   "re-running with the same run dir resumes from its last checkpoint. One run at a "
+                                   "time per run dir (RUN_DIR/.lock).")
     pretrain.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
     pretrain.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.epochs=10 model.backbone=vit_tiny")
     pretrain.add_argument("--local", action="store_true", help="train in this process without Ray (debugging, tests)")
@@ -208,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--address", default=None, help="existing Ray cluster, e.g. auto or ray://host:10001 (overrides ray.address)")
     pretrain.add_argument("--run-dir", default=None, help="run directory (overrides run.dir)")
     pretrain.add_argument("--no-dashboard", action="store_true", help="start the local Ray cluster without its dashboard")
+    pretrain.add_argument("--reset", action="store_true", help="start over in a run dir that holds a run: its files "
+                          "(checkpoints, config, metrics, results) move into RUN_DIR/reset-<time>/; without it a run dir "
+                          "holding checkpoints of another model or method is refused")
     pretrain.set_defaults(run=_pretrain)
 
     evaluate = commands.add_parser("eval", help="evaluate frozen features", description="Evaluate the frozen features of a run.")

@@ -2,12 +2,15 @@
 
 Every section forbids unknown keys, so a typo fails at once, before Ray starts, naming the
 dotted key. Method sections are defined beside their method in `vitrail/ssl/<method>.py`.
+Values are typed strictly (see `strict_problems`): no `true` where a number is wanted.
 """
 
 from __future__ import annotations
 
+import math
+import types
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -100,6 +103,10 @@ class RaySection(Section):
     gpus_per_worker: float = Field(0, ge=0)
     torch_threads: Optional[int] = Field(None, ge=1, description="intra-op threads per worker (default: cpus_per_worker)")
     address: Optional[str] = Field(None, description="existing cluster (ray://host:10001 or auto); default starts one on 127.0.0.1")
+    # A run that starts its own cluster binds everything to 127.0.0.1; on a cluster, the workers'
+    # torch.distributed store binds the node address Ray was started with (`ray start --node-ip-address`).
+    interface: Optional[str] = Field(None, description="network interface (e.g. eth1) of the workers' gloo / NCCL "
+                                     "sockets on a cluster (ray.address set); default: the libraries' choice")
     object_store_mb: Optional[int] = Field(None, ge=64)
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
 
@@ -182,7 +189,68 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def strict_problems(model: type[BaseModel], tree, prefix: str = "") -> list[str]:
+    """What pydantic's lax mode would coerce but a recipe must not hold: `true` for an int or a float
+    (it trains with batch 1), `1` or "yes" for a bool, a string for an int, nan or inf anywhere.
+    Floats take ints and numeric strings, as PyYAML reads `1e-3` as the string "1e-3"."""
+    if not isinstance(tree, dict):
+        return []  # pydantic names the section that is not a mapping
+    problems = []
+    for name, value in tree.items():
+        field = model.model_fields.get(name)
+        if field is None:
+            continue  # pydantic names the unknown key
+        annotation = field.annotation
+        if field.discriminator and isinstance(value, dict):
+            tagged = [option for option in get_args(annotation)
+                      if value.get(field.discriminator) in get_args(option.model_fields[field.discriminator].annotation)]
+            annotation = tagged[0] if tagged else None
+        problems += _value_problems(annotation, value, f"{prefix}{name}")
+    return problems
+
+
+def _value_problems(annotation, value, key: str) -> list[str]:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _value_problems(args[0], value, key)
+    if origin in (Union, types.UnionType):
+        options = [arg for arg in args if arg is not type(None)]
+        if value is None and len(options) < len(args):
+            return []
+        return _value_problems(options[0], value, key) if len(options) == 1 else []
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return strict_problems(annotation, value, f"{key}.")
+    if origin in (tuple, list) and isinstance(value, (list, tuple)):
+        element_types = args if origin is tuple and Ellipsis not in args else args[:1] * len(value)
+        return [problem for position, (element_type, element) in enumerate(zip(element_types, value))
+                for problem in _value_problems(element_type, element, f"{key}[{position}]")]
+    expected = None
+    if annotation is bool and not isinstance(value, bool):
+        expected = "true or false"
+    elif origin is Literal and isinstance(value, bool) and not any(arg is value for arg in args):
+        expected = f"one of {', '.join(map(repr, args))}"  # True == 1 would pass Literal[1, 3]
+    elif annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        expected = "an integer"
+    elif annotation is float:
+        if isinstance(value, bool):
+            expected = "a number"
+        elif not math.isfinite(_as_float(value)):
+            expected = "a finite number"
+    return [f"{key}: expected {expected} (got {value!r})"] if expected else []
+
+
+def _as_float(value) -> float:
+    """`value` as a float where it reads as one, else 0.0 (pydantic then names what it is)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def from_dict(tree: dict, source: str = "config") -> Config:
+    problems = strict_problems(Config, tree)
+    if problems:
+        raise VitrailError(f"{source}: {'; '.join(problems)}")
     try:
         return Config.model_validate(tree)
     except ValidationError as error:

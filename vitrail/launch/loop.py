@@ -20,7 +20,7 @@ from vitrail import ssl
 from vitrail.errors import VitrailError
 from vitrail.eval.features import extract
 from vitrail.eval.online import OnlineMonitor
-from vitrail.launch import checkpoints, sync_batchnorm
+from vitrail.launch import checkpoints, resume, sync_batchnorm
 from vitrail.launch.config import Config
 from vitrail.precision import autocast, float32_norms, uses_bf16
 from vitrail.pipelines.shards import ShardIndex, read_index
@@ -204,12 +204,18 @@ def absolute_paths(config: Config) -> None:
             setattr(config.data, field, str(Path(getattr(config.data, field)).resolve()))
 
 
-def start_run(config: Config) -> ShardIndex:
-    """Check the shards and record the config (paths made absolute) in the run dir; returns the shard index."""
+def start_run(config: Config, reset: bool = False) -> ShardIndex:
+    """Check the shards, and that the run dir's checkpoints are of this model and method (with `reset`,
+    move the previous run aside instead), then record the config (paths made absolute) in the run dir;
+    returns the shard index. Call it holding the run dir's lock."""
     absolute_paths(config)
     index = read_index(config.data.shards)
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if reset:
+        resume.set_aside(run_dir)
+    else:
+        resume.check_resumable(config)
     (run_dir / "config.yaml").write_text(config.to_yaml())
     return index
 

@@ -138,10 +138,12 @@ def _client(address: str):
 
 def submit(config: Config, address: str = LOCAL_ADDRESS, evaluate: bool = True) -> str:
     """Submit `config` as a Ray Job that pretrains (then runs the k-NN eval when eval shards are set)."""
+    from vitrail.launch.lock import check_free
     from vitrail.launch.loop import absolute_paths
     from vitrail.launch.train import LOOPBACK_ENV
 
     absolute_paths(config)  # the job runs in a scratch working dir
+    check_free(config.run.dir)  # the job's `pretrain` takes the lock; a run holding it fails the submission now
     on_this_machine = any(host in address for host in ("127.0.0.1", "localhost"))
     # A head on this machine is `vitrail cluster up`'s, started from this interpreter's environment;
     # on another cluster, its own `python` (whatever a bare `python` on this machine's PATH may be).

@@ -15,6 +15,7 @@ import torch
 
 from vitrail.errors import VitrailError
 from vitrail.launch.config import Config, RaySection, from_dict
+from vitrail.launch.lock import run_dir_lock
 from vitrail.launch.loop import Schedule, Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker
 from vitrail.pipelines.shards import read_index
@@ -100,11 +101,26 @@ def check_resources(settings: RaySection, available: dict, where: str) -> None:
                            f"{needs[resource]:g} {resource}s but {where} has {has:g}; lower ray.workers or ray.{key}")
 
 
-def pretrain(config: Config, dashboard: bool = True) -> Path:
-    """Run the pretraining in `config` on Ray; returns the run dir."""
+def _worker_runtime_env(settings: RaySection) -> dict | None:
+    """The interface the workers' gloo / NCCL sockets bind: loopback on one machine, `ray.interface` on a cluster."""
+    if not settings.address:
+        return {"env_vars": dict(LOOPBACK_ENV)}
+    if settings.interface:
+        return {"env_vars": {"GLOO_SOCKET_IFNAME": settings.interface, "NCCL_SOCKET_IFNAME": settings.interface}}
+    return None
+
+
+def pretrain(config: Config, dashboard: bool = True, reset: bool = False) -> Path:
+    """Run the pretraining in `config` on Ray, holding the run dir's lock; returns the run dir.
+    `reset` starts over, moving a previous run in the run dir aside."""
     if config.ray.workers < 1:
         raise VitrailError("ray.workers must be at least 1 for a Ray run; use --local for one process")
-    index = start_run(config)
+    with run_dir_lock(config.run.dir):
+        return _pretrain(config, dashboard, reset)
+
+
+def _pretrain(config: Config, dashboard: bool, reset: bool) -> Path:
+    index = start_run(config, reset)
     workers = config.ray.workers
     Schedule.of(config, index.num_samples, workers)  # a global batch larger than the data fails here, not in a worker
     if not config.ray.address:
@@ -113,6 +129,8 @@ def pretrain(config: Config, dashboard: bool = True) -> Path:
     import ray
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from vitrail.launch.process_group import BoundStoreTorchConfig
 
     if config.ray.address:
         check_resources(config.ray, ray.cluster_resources(), f"the cluster at {config.ray.address}")
@@ -126,8 +144,9 @@ def pretrain(config: Config, dashboard: bool = True) -> Path:
         train_loop_config={"config": tree, "num_samples": index.num_samples},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.ray.gpus_per_worker > 0,
                                      resources_per_worker=resources),
+        torch_config=BoundStoreTorchConfig(backend="nccl" if config.ray.gpus_per_worker else "gloo"),
         run_config=RunConfig(name="ray", storage_path=str(run_dir), failure_config=FailureConfig(max_failures=config.ray.max_failures),
-                             worker_runtime_env=None if config.ray.address else {"env_vars": dict(LOOPBACK_ENV)}),
+                             worker_runtime_env=_worker_runtime_env(config.ray)),
         datasets={"train": partial(_view_dataset, tree, workers)},
         # Ray Train replaces the dataset's execution options with these: they carry the backpressure budget.
         dataset_config=DataConfig(execution_options=ingest_options(config.ray.object_store_mb)),
