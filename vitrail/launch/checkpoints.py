@@ -8,6 +8,7 @@ process killed mid-write leaves the previous checkpoint intact; loading uses
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -61,4 +62,15 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for unreadable or unsafe files
-        raise VitrailError(f"cannot load checkpoint {path}: {error}") from None
+        raise VitrailError(f"cannot load checkpoint {path}: {_reason(error)}") from None
+
+
+def _reason(error: Exception) -> str:
+    """One line for what torch raised: its messages span paragraphs of advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, pickle.UnpicklingError):
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
+        return ("it holds pickled objects beyond tensors, which loading would have to build or run, "
+                f"and vitrail refuses that ({detail})")
+    first = lines[0].split(". ")[0] if lines else ""
+    return f"not a complete torch checkpoint (truncated, corrupt or another format): {type(error).__name__} {first}"

@@ -5,6 +5,8 @@
     loss, metrics = method(views, step)   # one forward
     method.after_step(step)               # after the optimizer step: EMA teacher, schedules
     method.backbone_for_eval()            # the module whose frozen features are evaluated
+    student, teacher = method.backbone_pair()  # the trained backbone and its EMA copy (the same
+                                          # module for single-network methods): init_from, export
 
 and optionally `method.on_epoch_start(epoch, training_set_features)`, which the training loop
 calls before each epoch's first step (DeepCluster re-clusters the whole training set there).

@@ -62,3 +62,6 @@ class RotNet(nn.Module):
 
     def backbone_for_eval(self) -> nn.Module:
         return self.backbone
+
+    def backbone_pair(self) -> tuple[nn.Module, nn.Module]:
+        return self.backbone, self.backbone  # one network: it is student and teacher
