@@ -68,9 +68,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
 def _reason(error: Exception) -> str:
     """One line for what torch raised: its messages span paragraphs of advice."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if isinstance(error, pickle.UnpicklingError):
-        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
-        return ("it holds pickled objects beyond tensors, which loading would have to build or run, "
-                f"and vitrail refuses that ({detail})")
-    first = lines[0].split(". ")[0] if lines else ""
-    return f"not a complete torch checkpoint (truncated, corrupt or another format): {type(error).__name__} {first}"
+    code = next((line for line in lines if "GLOBAL " in line), None)
+    if isinstance(error, pickle.UnpicklingError) and code:
+        called = code.split("GLOBAL ", 1)[1].split()[0]
+        return f"loading it would call {called} (a pickle holding code, not only tensors), which vitrail refuses"
+    # A file that is no pickle at all reads as an unsupported opcode, named deep in the advice.
+    detail = next((line for line in lines if line.startswith("Unsupported operand")), lines[0].split(". ")[0] if lines else "")
+    return f"not a complete torch checkpoint (truncated, corrupt or another format): {type(error).__name__} {detail}"
