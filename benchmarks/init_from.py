@@ -1,7 +1,7 @@
 """Continued pretraining pays: DINO on Fashion-MNIST started from a vitrail DINO run's teacher
 (`model.init_from`) against DINO from scratch, weighted k-NN after the same number of steps.
 
-    python benchmarks/init_from.py [--steps 200] [--data data/fashion-mnist] [--out runs/init_from] [--limit 10000]
+    python benchmarks/init_from.py [--steps 80] [--data data/fashion-mnist] [--out runs/init_from] [--limit 5000]
 
 With the demo recipe (configs/demo.yaml, `vitrail pretrain --local`, online k-NN off):
   1. scratch:   `--steps` steps from random init (it is also the run the next one starts from);
@@ -40,10 +40,10 @@ def knn_top1(run_dir: Path, step: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="steps of each run (default 200)")
+    parser.add_argument("--steps", type=int, default=80, help="steps of each run (default 80)")
     parser.add_argument("--data", type=Path, default=ROOT / "data/fashion-mnist", help="shard folder (made if missing)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/init_from", help="folder of the two run dirs")
-    parser.add_argument("--limit", type=int, default=10_000, help="k-NN bank and query images (default 10000)")
+    parser.add_argument("--limit", type=int, default=5_000, help="k-NN bank and query images (default 5000)")
     args = parser.parse_args()
     if not (args.data / "test" / "index.json").exists():
         vitrail("shard", "fashion-mnist", str(args.data))

@@ -15,6 +15,7 @@ from vitrail.eval.features import extract
 from vitrail.launch.cli import main
 from vitrail.launch.config import from_dict
 from vitrail.launch.local import pretrain
+from vitrail.launch.loop import Trainer
 from vitrail.pipelines.shards import read_index
 from vitrail.pipelines.views import EvalTransform
 
@@ -80,8 +81,9 @@ def test_teacher_exported_for_timm_gives_vitrails_features(short_run, fashion_sh
 
     # The command (timm reads model_args only from a hub or local-dir config, so they are passed)
     # and timm's local-dir form, which reads config.json itself.
-    by_file = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=dict(
-        file=str(out / "model.safetensors")), **config["model_args"]).eval()
+    by_file = timm.create_model(config["architecture"], pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(
+        file=str(out / "model.safetensors")), **{k: v for k, v in config["model_args"].items() if k != "num_classes"})
+    by_file.eval()
     by_folder = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
 
     checkpoint = open_checkpoint(short_run)
@@ -91,6 +93,13 @@ def test_teacher_exported_for_timm_gives_vitrails_features(short_run, fashion_sh
     for model in (by_file, by_folder):
         theirs, _ = extract(model, index, transform, data.channels, data.mean, data.std, limit=64)
         assert relative_error(torch.from_numpy(theirs), torch.from_numpy(ours)) < 1e-5
+    # The export folder is also a start for another run (model.init_from).
+    tree = tiny_config_tree(fashion_shards, tmp_path / "continued", run={"precision": "fp32"}, model={"init_from": str(out)})
+    continued = Trainer(from_dict(tree), num_samples=640)
+    continued.resume_if_possible()
+    for network in continued.method.backbone_pair():
+        for key, value in checkpoint.backbone.state_dict().items():
+            assert torch.equal(network.state_dict()[key], value), key
     # The student is another network, and the export says so.
     assert main(["export", str(short_run), str(tmp_path / "student"), "--which", "student"]) == 0
     student = json.loads((tmp_path / "student" / "config.json").read_text())["vitrail"]

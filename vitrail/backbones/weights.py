@@ -16,9 +16,9 @@ from torch import nn
 from vitrail.backbones.vit import resample_pos_embed
 from vitrail.errors import VitrailError
 
-# Tensors a pretraining file holds beside the backbone's (projection heads, iBOT's mask embedding):
-# never loaded into a backbone, never reported as unexpected.
-NOT_BACKBONE = ("head.", "masked_embed", "mask_token")
+# Tensors a pretraining or timm file holds beside the backbone's (projection and classifier heads,
+# LeViT's distillation head, iBOT's mask embedding): never loaded, never reported as unexpected.
+NOT_BACKBONE = ("head.", "head_dist.", "masked_embed", "mask_token")
 # A backbone's own tensors that only a method's training uses (iBOT's mask token): a released
 # backbone file lacks them, so they keep their initial values instead of counting as missing.
 TRAINING_ONLY = ("mask_token",)
