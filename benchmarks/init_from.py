@@ -6,7 +6,9 @@
 With the demo recipe (configs/demo.yaml, `vitrail pretrain --local`, online k-NN off):
   1. scratch:   `--steps` steps from random init (it is also the run the next one starts from);
   2. continued: `--steps` steps more, a fresh run with `model.init_from=<scratch run>`, its own
-                schedules (warm-up included) and fresh heads.
+                schedules (warm-up included) and fresh heads;
+  3. the same with `model.init_heads=true`: the scratch run's heads and centre too.
+A run dir that already holds its `--steps` checkpoint is not retrained (its wall time is then ~0).
 Both are scored by `vitrail eval knn` (k = 20, T = 0.07) with the first `--limit` training images
 as the bank and the first `--limit` test images as queries. Every command runs with one torch
 thread: on a shared machine two threads that wait on each other run many times slower.
@@ -51,10 +53,13 @@ def main() -> None:
               "run.tracking=none", f"run.checkpoint_every={args.steps}", "run.precision=fp32",
               f"data.shards={args.data / 'train'}", f"data.eval_train_shards={args.data / 'train'}",
               f"data.eval_test_shards={args.data / 'test'}"]
-    scratch, continued = args.out / "scratch", args.out / "continued"
+    scratch = args.out / "scratch"
     rows = []
-    for name, run_dir, extra in (("from scratch", scratch, []),
-                                 ("init_from the scratch run's teacher", continued, [f"model.init_from={scratch}"])):
+    for name, run_dir, extra in (
+            ("from scratch", scratch, []),
+            ("init_from the scratch run's teacher, fresh heads", args.out / "continued", [f"model.init_from={scratch}"]),
+            ("init_from the scratch run, its heads too", args.out / "continued_heads",
+             [f"model.init_from={scratch}", "model.init_heads=true"])):
         train_s = vitrail("pretrain", *common, f"run.dir={run_dir}", *extra)
         eval_s = vitrail("eval", "knn", str(run_dir), "--k", "20", "--limit", str(args.limit))
         rows.append((name, knn_top1(run_dir, args.steps), train_s, eval_s))
@@ -62,7 +67,7 @@ def main() -> None:
           f"{args.limit} bank / {args.limit} query images\n")
     print("| start | steps in this run | steps seen in all | k-NN top-1 | train wall (s) | eval wall (s) |")
     print("|---|---|---|---|---|---|")
-    for (name, top1, train_s, eval_s), seen in zip(rows, (args.steps, 2 * args.steps)):
+    for (name, top1, train_s, eval_s), seen in zip(rows, (args.steps, 2 * args.steps, 2 * args.steps)):
         print(f"| {name} | {args.steps} | {seen} | {top1:.2f} | {train_s:.0f} | {eval_s:.0f} |")
 
 
