@@ -65,7 +65,9 @@ SMALLER_CROPS = {"resnet18": {"global_crop_size": 16, "local_crop_size": 8, "cro
 def case_tree(shards, run_dir, method: str, backbone: str, precision: str, **model) -> dict:
     tree = tiny_config_tree(shards, run_dir, run={"precision": precision, "log_every": 1, "checkpoint_every": 100},
                             model={"backbone": backbone, "kwargs": FAMILIES[backbone], **model},
-                            optim={"batch_size": 8, "max_steps": STEPS})
+                            # no warm-up: at a zero learning rate, step 0 would not move LeViT's zero-initialised
+                            # residual BatchNorms, and nothing behind them would get a gradient in step 1
+                            optim={"batch_size": 8, "max_steps": STEPS, "warmup_epochs": 0})
     crops = SMALLER_CROPS.get(backbone, {})
     tree["method"] = {**METHODS[method], **{key: size for key, size in crops.items() if key in METHODS[method]}}
     return tree

@@ -48,11 +48,26 @@ def create(name: str, compiled: bool = False, **overrides) -> nn.Module:
     if "drop_path_rate" not in arguments(name):
         overrides.pop("drop_path_rate", None)
     model = cls(**{**cfg, **overrides})
+    # What rebuilds this network (export, load_exported); stochastic depth is a training-time choice.
+    model.registry_name = name
+    model.registry_kwargs = {key: value for key, value in overrides.items() if key != "drop_path_rate"}
     if compiled:
         model.compile()  # in place: the state-dict keys stay the backbone's own (no `_orig_mod.`)
     return model
 
 
+def all_arguments(name: str, overrides: dict) -> dict:
+    """Every constructor argument of backbone `name`: its defaults, updated by the variant table and `overrides`."""
+    cls, cfg = _REGISTRY[name]
+    defaults = {key: parameter.default for key, parameter in inspect.signature(cls).parameters.items()}
+    return {**defaults, **cfg, **overrides}
+
+
 def is_token_model(model: nn.Module) -> bool:
     """True for backbones that give patch tokens and accept iBOT masks."""
     return hasattr(model, "forward_features")
+
+
+
+# Last: exported.py builds backbones through this module's registry.
+from vitrail.backbones.exported import load_exported  # noqa: E402,F401

@@ -93,6 +93,20 @@ class PatchEmbed(nn.Module):
         return self.proj(x)  # (B, D, H/p, W/p)
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(1, 1 + n*n, D) embeddings of a square n x n grid -> (1, 1 + grid_h * grid_w, D), patch positions
+    resized bicubically; the CLS position is kept as is."""
+    stored = pos_embed.shape[1] - 1
+    if stored == grid_h * grid_w and grid_h == grid_w:
+        return pos_embed
+    side = int(math.sqrt(stored))
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
 class VisionTransformer(nn.Module):
     """ViT backbone whose features are the final-norm CLS token.
 
@@ -146,15 +160,7 @@ class VisionTransformer(nn.Module):
 
     def interpolate_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """Position embeddings for a (grid_h, grid_w) patch grid: (1, 1 + grid_h * grid_w, D)."""
-        stored = self.pos_embed.shape[1] - 1
-        if stored == grid_h * grid_w and grid_h == grid_w:
-            return self.pos_embed
-        side = int(math.sqrt(stored))
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resample_pos_embed(self.pos_embed, grid_h, grid_w)
 
     def prepare_tokens(self, x, masks=None):
         """Patchify, replace masked patches by the mask token, add CLS and positions: (B, 1+N, D)."""

@@ -27,14 +27,13 @@ import torch
 from torch import nn
 
 from vitrail import backbones, ssl
+from vitrail.backbones.weights import fit
 from vitrail.errors import VitrailError
 from vitrail.launch import checkpoints
-from vitrail.launch.config import DataSection, from_dict
+from vitrail.launch.config import Config, DataSection, from_dict
 
 _WRAPPER_KEYS = ("teacher", "state_dict")  # DINO's training checkpoint, iBOT's released backbones
 _PREFIXES = ("module.", "backbone.")
-# Weights a pretraining checkpoint holds beside the backbone's: projection heads, iBOT's mask embedding.
-_NOT_BACKBONE = ("head.", "dino_head.", "ibot_head.", "masked_embed", "mask_token")
 RELEASED_CROP = 224  # DINO evaluates 224 centre crops (of images resized to 256)
 
 
@@ -48,6 +47,8 @@ class Checkpoint:
     eval_test_shards: str | None
     backbone: nn.Module
     build_random: Callable[[], nn.Module]  # the same architecture, seeded random init (a baseline)
+    config: Config | None = None  # a vitrail run's; None for released weights
+    method: nn.Module | None = None  # a vitrail run's trained method (student and teacher)
 
     @property
     def name(self) -> str:
@@ -61,6 +62,14 @@ class Checkpoint:
 
 def open_checkpoint(path: str | os.PathLike, arch: str | None = None, patch_size: int | None = None) -> Checkpoint:
     """A run dir (its latest checkpoint), a vitrail checkpoint file, or released DINO / iBOT weights."""
+    file, state = load_state(path)
+    if is_vitrail_checkpoint(state):
+        return vitrail_checkpoint(file, state, arch)
+    return _released_checkpoint(file, state, arch, patch_size)
+
+
+def load_state(path: str | os.PathLike) -> tuple[Path, object]:
+    """(the file read, what it holds): a run dir's latest checkpoint, or the file `path` names."""
     path = Path(path)
     file = path
     if path.is_dir():
@@ -68,10 +77,11 @@ def open_checkpoint(path: str | os.PathLike, arch: str | None = None, patch_size
         file = found[-1] if found else path  # checkpoints.load names the empty folder
     # DINO's training checkpoints store their argparse.Namespace; allow only that beyond tensors.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        state = checkpoints.load(file)
-    if isinstance(state, dict) and "config" in state and "method" in state:
-        return _vitrail_checkpoint(Path(file), state, arch)
-    return _released_checkpoint(Path(file), state, arch, patch_size)
+        return file, checkpoints.load(file)
+
+
+def is_vitrail_checkpoint(state) -> bool:
+    return isinstance(state, dict) and "config" in state and "method" in state
 
 
 def results_dir(path: str | os.PathLike) -> Path:
@@ -89,7 +99,7 @@ def _seeded(build):
         return build()
 
 
-def _vitrail_checkpoint(file: Path, state: dict, arch: str | None) -> Checkpoint:
+def vitrail_checkpoint(file: Path, state: dict, arch: str | None = None) -> Checkpoint:
     config = from_dict(state["config"], f"config stored in {file}")
     if arch is not None and arch != config.model.backbone:
         raise VitrailError(f"--arch {arch} disagrees with {file}, a vitrail checkpoint of a {config.model.backbone}; "
@@ -103,7 +113,7 @@ def _vitrail_checkpoint(file: Path, state: dict, arch: str | None) -> Checkpoint
     method.load_state_dict(state["method"])
     return Checkpoint(file, int(state["step"]), config.data, ssl.trained_crop_size(config.method), config.data.eval_train_shards,
                       config.data.eval_test_shards, method.backbone_for_eval(),
-                      lambda: _seeded(build).backbone_for_eval())
+                      lambda: _seeded(build).backbone_for_eval(), config, method)
 
 
 def _released_checkpoint(file: Path, state, arch: str | None, patch_size: int | None) -> Checkpoint:
@@ -120,7 +130,7 @@ def _released_checkpoint(file: Path, state, arch: str | None, patch_size: int | 
         return backbones.create(arch, **kwargs)
 
     backbone = build()
-    _load_strict(backbone, weights, file, arch)
+    fit(backbone, weights, str(file))
     channels = kwargs.get("in_chans", 3)
     if channels != 3:
         raise VitrailError(f"{file} takes {channels}-channel input; released weights are evaluated with DINO's RGB "
@@ -155,16 +165,3 @@ def _vit_geometry(weights: dict, file: Path, patch_size: int | None) -> dict:
                            f"{stored_patch}x{stored_patch}")
     grid = math.isqrt(weights["pos_embed"].shape[1] - 1)
     return {"patch_size": stored_patch, "in_chans": channels, "img_size": grid * stored_patch}
-
-
-def _load_strict(backbone: nn.Module, weights: dict, file: Path, arch: str) -> None:
-    expected = backbone.state_dict()
-    missing = [key for key in expected if key not in weights]
-    mismatched = [f"{key} {tuple(weights[key].shape)} (expected {tuple(value.shape)})"
-                  for key, value in expected.items() if key in weights and weights[key].shape != value.shape]
-    unexpected = [key for key in weights if key not in expected and not key.startswith(_NOT_BACKBONE)]
-    problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
-                for label, keys in (("missing", missing), ("wrong shape", mismatched), ("unexpected", unexpected)) if keys]
-    if problems:
-        raise VitrailError(f"{file} does not hold {arch} weights; " + "; ".join(problems))
-    backbone.load_state_dict({key: weights[key] for key in expected})

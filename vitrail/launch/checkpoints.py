@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -88,4 +89,16 @@ def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for unreadable or unsafe files
-        raise VitrailError(f"cannot load checkpoint {path}: {error}") from None
+        raise VitrailError(f"cannot load checkpoint {path}: {_reason(error)}") from None
+
+
+def _reason(error: Exception) -> str:
+    """One line for what torch raised: its messages span paragraphs of advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    code = next((line for line in lines if "GLOBAL " in line), None)
+    if isinstance(error, pickle.UnpicklingError) and code:
+        called = code.split("GLOBAL ", 1)[1].split()[0]
+        return f"loading it would call {called} (a pickle holding code, not only tensors), which vitrail refuses"
+    # A file that is no pickle at all reads as an unsupported opcode, named deep in the advice.
+    detail = next((line for line in lines if line.startswith("Unsupported operand")), lines[0].split(". ")[0] if lines else "")
+    return f"not a complete torch checkpoint (truncated, corrupt or another format): {type(error).__name__} {detail}"

@@ -134,6 +134,13 @@ def _report(args) -> None:
     print(f"{table}\n\nwritten: {', '.join(str(path) for path in written)}")
 
 
+def _export(args) -> None:
+    from vitrail.launch.export import export_run
+
+    folder = export_run(args.path, args.out, args.which, args.format)
+    print(f"exported to {folder}: model.safetensors, config.json")
+
+
 def _backbones(args) -> None:
     import torch
 
@@ -295,6 +302,21 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+", help="run directories")
     compare.add_argument("--out", default="report", help="folder for report.md and the plots (default ./report)")
     compare.set_defaults(run=_report)
+
+    exporting = commands.add_parser(
+        "export", help="write a run's backbone as safetensors for timm or vitrail",
+        description="Write the backbone of a run as OUT/model.safetensors + OUT/config.json (no pickle). "
+        "--format timm (ViT, Swin, LeViT, ResNet): timm's key names and hub config, loaded by "
+        "timm.create_model('local-dir:OUT', pretrained=True). --format torch (every backbone): vitrail's "
+        "registry name and arguments, loaded by vitrail.backbones.load_exported(OUT). config.json also records "
+        "the method, step, data set and the k-NN score of results.json.")
+    exporting.add_argument("path", help="run dir (its latest checkpoint) or a checkpoint file")
+    exporting.add_argument("out", help="folder to write")
+    exporting.add_argument("--which", choices=("teacher", "student"), default=None,
+                           help="network to export (default: the one vitrail evaluates: DINO/iBOT's teacher, "
+                           "BYOL's online network)")
+    exporting.add_argument("--format", choices=("timm", "torch"), default="timm", help="default: timm")
+    exporting.set_defaults(run=_export)
 
     listing = commands.add_parser("backbones", help="list the registered backbones with parameter counts",
                                   description="List the registered backbones with their feature width and parameter count.")

@@ -70,6 +70,12 @@ class ModelSection(Section):
     # BatchNorm statistics over the global batch of all workers, as DINO's main_dino.py (SyncBatchNorm
     # in student and teacher) and BYOL's cross-replica BN do; no effect on one worker or without BN.
     sync_batchnorm: bool = True
+    # Continued pretraining (vitrail/launch/init_from.py), on a fresh run only: a resumed run keeps its checkpoint.
+    init_from: Optional[str] = Field(None, description="released backbone file (DINO, iBOT, timm .safetensors/.pth), "
+                                     "vitrail run dir, checkpoint or export folder the backbones start from")
+    init_strict: bool = Field(True, description="false: load the keys that fit and log every skipped one")
+    init_heads: bool = Field(False, description="also start the heads from init_from, a vitrail run of the same method")
+    freeze_backbone_steps: int = Field(0, ge=0, description="first steps training only the heads (head warm-up)")
 
     @model_validator(mode="after")
     def _known_backbone_and_kwargs(self):
@@ -79,6 +85,8 @@ class ModelSection(Section):
         for key in self.kwargs:
             if key not in accepted:
                 raise ValueError(f"model.kwargs.{key} is not an argument of {self.backbone}; accepted: {', '.join(accepted)}")
+        if self.init_heads and not self.init_from:
+            raise ValueError("model.init_heads needs model.init_from (a vitrail run of the same method)")
         return self
 
 

@@ -22,6 +22,7 @@ from vitrail.eval.features import extract
 from vitrail.eval.online import OnlineMonitor
 from vitrail.launch import checkpoints, resume, sync_batchnorm
 from vitrail.launch.config import Config
+from vitrail.launch.init_from import initialise
 from vitrail.precision import autocast, float32_norms, uses_bf16
 from vitrail.pipelines.shards import ShardIndex, read_index
 from vitrail.ssl.schedules import cosine
@@ -83,8 +84,11 @@ class Trainer:
         self.step = int(state["step"])
 
     def resume_if_possible(self) -> None:
+        """Resume from the run dir's checkpoint; a fresh run starts from model.init_from when set."""
         if checkpoints.list_checkpoints(self.config.run.dir):
             self.restore(checkpoints.load(self.config.run.dir, map_location=self.device))
+        elif self.config.model.init_from:
+            initialise(self.method, self.config)
 
     def save_checkpoint(self) -> None:
         if self.rank == 0:
@@ -136,6 +140,10 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.step < self.config.model.freeze_backbone_steps:
+            # Head warm-up: AdamW skips a parameter without a gradient (no update, no weight decay).
+            for parameter in self.method.backbone_pair()[0].parameters():
+                parameter.grad = None
         if self.config.optim.clip_grad > 0:
             self.method.clip_gradients(self.config.optim.clip_grad)
         self.optimizer.step()
@@ -199,6 +207,8 @@ def absolute_paths(config: Config) -> None:
     """Make the run dir and shard paths absolute, from this process's working directory: Ray
     workers and Ray Jobs run elsewhere."""
     config.run.dir = str(Path(config.run.dir).resolve())
+    if config.model.init_from:
+        config.model.init_from = str(Path(config.model.init_from).resolve())
     for field in ("shards", "eval_train_shards", "eval_test_shards"):
         if getattr(config.data, field):
             setattr(config.data, field, str(Path(getattr(config.data, field)).resolve()))

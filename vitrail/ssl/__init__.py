@@ -7,6 +7,8 @@
     method.backbone_for_eval()            # the module whose frozen features are evaluated
     method.parameter_groups(), method.clip_gradients(max_norm), method.lr_scaling
                                           # the optimizer's view (vitrail.ssl.base.Method: DINO's by default)
+    student, teacher = method.backbone_pair()  # the trained backbone and its EMA copy (the same
+                                          # module for single-network methods): init_from, export
 
 and optionally `method.on_epoch_start(epoch, training_set_features)`, which the training loop
 calls before each epoch's first step (DeepCluster re-clusters the whole training set there).

@@ -99,3 +99,6 @@ class BYOL(Method):
 
     def backbone_for_eval(self) -> nn.Module:
         return self.online[0]
+
+    def backbone_pair(self) -> tuple[nn.Module, nn.Module]:
+        return self.online[0], self.target[0]

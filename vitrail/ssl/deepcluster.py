@@ -170,3 +170,6 @@ class DeepCluster(Method):
 
     def backbone_for_eval(self) -> nn.Module:
         return self.backbone
+
+    def backbone_pair(self) -> tuple[nn.Module, nn.Module]:
+        return self.backbone, self.backbone  # one network: it is student and teacher

@@ -184,3 +184,6 @@ class DINO(Method):
 
     def backbone_for_eval(self) -> nn.Module:
         return self.teacher.backbone
+
+    def backbone_pair(self) -> tuple[nn.Module, nn.Module]:
+        return self.student.backbone, self.teacher.backbone
