@@ -32,6 +32,7 @@ TINY = {
     "mobileformer_26m": dict(blocks=[("dw", 2, 8, 1, 0), ("dw", 6, 16, 2, 4), ("pw", 3, 16, 1, 3)], stem_chs=8,
                              token_num=2, token_dim=32, num_features=64),
     "resnet18": dict(in_chans=1),
+    "dinov2_vits14_reg4": dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3),
 }
 
 

@@ -13,7 +13,8 @@ from vitrail.launch.cli import main
 from vitrail.launch.config import from_dict
 from vitrail.launch.loop import Trainer
 from vitrail.pipelines.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-from vitrail.pipelines.shards import array_samples, write_shards
+from vitrail.pipelines.shards import write_shards
+from vitrail.pipelines.sources import array_samples
 
 from conftest import tiny_config_tree
 
