@@ -100,9 +100,11 @@ def train_case(tree: dict, rank: int = 0, world_size: int = 1) -> dict:
     }
 
 
-def check(result: dict, label: str) -> None:
+def check(result: dict, label: str, logs: bool = True) -> None:
+    """`logs`: this rank reported its losses (rank 0 alone does under DDP)."""
     assert result["steps"] == STEPS, label
-    assert len(result["losses"]) == STEPS and all(math.isfinite(loss) for loss in result["losses"]), (label, result["losses"])
+    if logs:
+        assert len(result["losses"]) == STEPS and all(math.isfinite(loss) for loss in result["losses"]), (label, result["losses"])
     assert not result["not_finite"], (label, result["not_finite"][:5])
     # Every trainable tensor takes a step, except those the recipe holds back at first (DINO's and
     # iBOT's last layer in its frozen first epoch; a backbone's parameters a crop this small skips).
@@ -116,12 +118,22 @@ def test_every_method_and_backbone_trains_in_both_precisions(fashion_shards, tmp
 
 
 def test_two_workers_with_sync_batchnorm_in_both_precisions(ray_cluster, fashion_shards, tmp_path):
+    import sys
+
+    import ray.cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cases = [(method, backbone, precision) for method, backbone in CASES if has_batchnorm(backbone)
+    # The workers cannot import this test module: its functions travel by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # Every BatchNorm family in both precisions, each with another method, so that the four methods
+    # that train them all run synchronised too (every pair runs in one process above; all 32 pairs
+    # under DDP took 3 minutes).
+    batchnorm_families = [backbone for backbone in FAMILIES if has_batchnorm(backbone)]
+    assert batchnorm_families == ["levit_128s", "conformer_tiny", "mobileformer_26m", "resnet18"]
+    methods = [method for method in METHODS if all(trains_with(method, backbone) for backbone in batchnorm_families)]
+    cases = [(method, backbone, precision) for method, backbone in zip(methods, batchnorm_families)
              for precision in ("fp32", "bf16")]
-    assert {backbone for _, backbone, _ in cases} == {"levit_128s", "conformer_tiny", "mobileformer_26m", "resnet18"}
 
     def train_all(trees):
         import ray.train
@@ -138,7 +150,7 @@ def test_two_workers_with_sync_batchnorm_in_both_precisions(ray_cluster, fashion
                  run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     for label in trees:
-        for rank in ranks:
-            check(rank[label], f"{label} rank {rank}")
+        for rank, results in enumerate(ranks):
+            check(results[label], f"{label} rank {rank}", logs=rank == 0)
         # Each rank saw other images, yet both hold the same BatchNorm statistics: synchronised.
         assert ranks[0][label]["running_stats"] and ranks[0][label]["running_stats"] == ranks[1][label]["running_stats"], label

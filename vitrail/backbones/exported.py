@@ -36,10 +36,12 @@ def export(backbone: nn.Module, folder: str | Path, fmt: str, image_size: int, m
     """
     if fmt not in FORMATS:
         raise VitrailError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    # iBOT's mask token is a training-only tensor: the exported network is built without it.
+    # iBOT's mask token, built on request (`mask_token=True`), is a training-only tensor: the exported
+    # network is built without it. DINOv2's always exists (its released files hold it) and stays.
+    requested_mask_token = backbone.registry_kwargs.get("mask_token", False)
     kwargs = {key: value for key, value in backbone.registry_kwargs.items() if key != "mask_token"}
     weights = {key: value.detach().cpu().contiguous() for key, value in backbone.state_dict().items()
-               if key != "mask_token"}
+               if not (requested_mask_token and key == "mask_token")}
     config = {}
     if fmt == "timm":
         timm = timm_layout.describe(backbone, weights, image_size)
