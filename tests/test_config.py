@@ -42,7 +42,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("method.teacher_tmp=0.04", "unknown config key 'method.teacher_tmp'"),
     ("optim.batch_size=many", "optim.batch_size"),
     ("model.backbone=vit_huge", r"unknown backbone 'vit_huge'; known: conformer_base, .*resnet18, .*vit_tiny"),
-    ("method.name=simclr", "'simclr' .* expected tags: 'byol', 'deepcluster', 'dino', 'ibot', 'rotnet'"),
+    ("method.name=simclr", "'simclr' .* expected tags: 'byol', 'deepcluster', 'dino', 'dinov2', 'ibot', 'rotnet'"),
     ("method.local_crops_number=-1", "method.local_crops_number: Input should be greater than or equal to 0"),
     ("model.sync_batchnorm=maybe", "model.sync_batchnorm"),
     ("model.kwargs.depht=3", "model.kwargs.depht is not an argument of vit_small"),
