@@ -27,8 +27,8 @@ def test_multicrop_shapes_and_dtypes():
     assert columns["global"].shape == (5, 2, 3, 32, 32) and columns["global"].dtype == np.uint8
     assert columns["local"].shape == (5, 3, 3, 16, 16) and columns["local"].dtype == np.uint8
     views = recipe.to_device(columns, "cpu", [0.5] * 3, [0.25] * 3)
-    assert [tuple(v.shape) for v in views] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 3
-    assert all(v.dtype == torch.float32 for v in views)
+    assert [tuple(v.shape) for v in views.crops] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 3
+    assert all(v.dtype == torch.float32 for v in views.crops)
 
 
 def test_no_local_crops_gives_no_local_column():

@@ -25,11 +25,12 @@ def test_rotation_views_are_the_four_rotations_with_labels():
     columns = recipe(images, ["a", "b"], seed=0, epoch=0)
     columns["key"] = np.array(["a", "b"], dtype=object)
     views = recipe.to_device(columns, "cpu", [0.0], [1 / 255])
-    assert views["images"].shape == (8, 1, 6, 6)
-    assert views["labels"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    upright = views["images"][:2]
+    (rotated,) = views.crops
+    assert rotated.shape == (8, 1, 6, 6)
+    assert views.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    upright = rotated[:2]
     for quarter in range(4):
-        torch.testing.assert_close(views["images"][2 * quarter:2 * quarter + 2], torch.rot90(upright, quarter, (-2, -1)))
+        torch.testing.assert_close(rotated[2 * quarter:2 * quarter + 2], torch.rot90(upright, quarter, (-2, -1)))
 
 
 def test_loss_is_cross_entropy_over_rotations():

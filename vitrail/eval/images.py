@@ -24,17 +24,9 @@ def denormalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def view_tensors(views, batch_size: int) -> list[torch.Tensor]:
-    """The image views of whatever a recipe's `to_device` returned, each (B, C, H, W).
-
-    A list holds one view per entry (multi-crop); a dict's float 4-d entries count too, and one
-    stacking m views of the batch along dim 0 (RotNet's (4B, C, S, S)) is split into m.
-    """
-    tensors = views.values() if isinstance(views, dict) else views
-    split = []
-    for tensor in tensors:
-        if isinstance(tensor, torch.Tensor) and tensor.ndim == 4 and tensor.is_floating_point():
-            split.extend(tensor.split(batch_size))
-    return split
+    """The crops of a recipe's `Views`, each (B, C, H, W): a crop stacking m views of the batch
+    along dim 0 (RotNet's (4B, C, S, S)) is split into m."""
+    return [view for crop in views.crops for view in crop.split(batch_size)]
 
 
 def view_grid(views, batch_size: int, mean, std, samples: int = 4) -> np.ndarray:

@@ -22,6 +22,16 @@ import torch.nn.functional as F
 from vitrail.pipelines.augment import Augment, _uniform, channels_last, render, sample_generator, uniform_stream
 
 
+@dataclass
+class Views:
+    """What every view recipe's `to_device` gives a method: normalised float crops on the
+    training device, each (n, C, H, W), and the extras some recipes make with them."""
+
+    crops: list[torch.Tensor]  # multi-crop: global crops, then local; single crop: one; rotations: (4B, ...) one
+    key_ids: torch.Tensor | None = None  # (B,) int64 sample ids (`key_ids`), for per-sample state (DeepCluster)
+    labels: torch.Tensor | None = None   # (n,) int64 targets of crops[0] made with the views (RotNet's rotations)
+
+
 @dataclass(frozen=True)
 class MultiCrop:
     """DINO's multi-crop (Caron et al. 2021, Sec. 3.1 and App.): 2 global crops of
@@ -61,14 +71,14 @@ class MultiCrop:
             columns[column] = views.view(len(images), len(augments), *views.shape[1:]).numpy()
         return columns
 
-    def to_device(self, batch: dict, device, mean, std) -> list[torch.Tensor]:
-        """The views as the method expects them: [global_0, global_1, local_0, ...], each (B, C, H, W) float."""
-        views = []
+    def to_device(self, batch: dict, device, mean, std) -> Views:
+        """Crops [global_0, global_1, local_0, ...], each (B, C, H, W) float."""
+        crops = []
         for column in ("global", "local"):
             if column in batch:
                 stacked = normalize(torch.as_tensor(batch[column]).to(device, non_blocking=True), mean, std)
-                views.extend(stacked.unbind(1))
-        return views
+                crops.extend(stacked.unbind(1))
+        return Views(crops)
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -127,9 +137,10 @@ class SingleCrop:
         generators = [sample_generator(seed, epoch, key) for key in keys]
         return {"image": self.augment()(images, generators).numpy()}
 
-    def to_device(self, batch: dict, device, mean, std) -> dict[str, torch.Tensor]:
-        return {"images": normalize(torch.as_tensor(batch["image"]).to(device, non_blocking=True), mean, std),
-                "key_ids": torch.from_numpy(key_ids(batch["key"])).to(device)}
+    def to_device(self, batch: dict, device, mean, std) -> Views:
+        """One crop (B, C, S, S) float and the samples' key ids."""
+        return Views([normalize(torch.as_tensor(batch["image"]).to(device, non_blocking=True), mean, std)],
+                     key_ids=torch.from_numpy(key_ids(batch["key"])).to(device))
 
 
 @dataclass(frozen=True)
@@ -138,11 +149,12 @@ class Rotations(SingleCrop):
     180 and 270 degrees, labelled 0-3. The rotations are made on the device, so only the
     unrotated uint8 crop crosses the object store."""
 
-    def to_device(self, batch: dict, device, mean, std) -> dict[str, torch.Tensor]:
+    def to_device(self, batch: dict, device, mean, std) -> Views:
+        """One crop (4B, C, S, S): every image rotated by 0, then 90, 180, 270 degrees; labels (4B,) 0-3."""
         images = normalize(torch.as_tensor(batch["image"]).to(device, non_blocking=True), mean, std)
         rotated = torch.cat([torch.rot90(images, quarter, dims=(-2, -1)) for quarter in range(4)])  # (4B, C, S, S)
         labels = torch.arange(4, device=device).repeat_interleave(len(images))
-        return {"images": rotated, "labels": labels}
+        return Views([rotated], labels=labels)
 
 
 @dataclass(frozen=True)
