@@ -129,7 +129,7 @@ class OptimSection(Section):
         foreign = [key for keys in OPTIMIZER_SETTINGS.values() for key in keys
                    if key not in OPTIMIZER_SETTINGS[self.name] and getattr(self, key) is not None]
         if foreign:
-            raise ValueError(f"{', '.join('optim.' + key for key in foreign)} do not apply to optim.name={self.name}")
+            raise ValueError(f"{', '.join('optim.' + key for key in foreign)}: not a setting of optim.name={self.name}")
         if self.lr_milestones and self.lr_schedule != "steps":
             raise ValueError("optim.lr_milestones need optim.lr_schedule: steps")
         return self
