@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vitrail import backbones
 from vitrail.errors import VitrailError
 from vitrail.pipelines.decode import MAX_IMAGE_PIXELS
+from vitrail.pipelines.views import Normalization
 from vitrail.ssl import METHODS, MethodConfig
 from vitrail.ssl.optim import OPTIMIZER_SETTINGS, LrScaling, OptimizerName, OptimizerRecipe
 
@@ -54,6 +55,10 @@ class DataSection(Section):
     # Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS); checked from the header, before decoding.
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="images with more pixels are skipped and counted")
     verify: bool = Field(False, description="check each shard's sha256 against index.json when first read")
+
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization(self.channels, tuple(self.mean), tuple(self.std))
 
     @model_validator(mode="after")
     def _stats_match_channels(self):

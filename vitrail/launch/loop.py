@@ -107,8 +107,9 @@ class Trainer:
         `features_of` that `method.on_epoch_start` gets, since the view stream never holds the whole data set."""
         was_training = backbone.training
         data = self.config.data
-        features, _, keys = extract(backbone, read_index(data.shards), transform, data.channels, data.mean, data.std,
-                                    device=self.device, return_keys=True, max_pixels=data.max_image_pixels)
+        features, _, keys = extract(backbone, read_index(data.shards), transform, data.normalization, device=self.device,
+                                    return_keys=True, max_pixels=data.max_image_pixels,
+                                    progress="training-set features" if self.rank == 0 else None)
         backbone.train(was_training)
         return features, keys
 
@@ -121,7 +122,7 @@ class Trainer:
 
     def train_step(self, model: nn.Module, batch: dict) -> dict[str, float]:
         logged = self.set_schedules()
-        views = self.views.to_device(batch, self.device, self.config.data.mean, self.config.data.std)
+        views = self.views.to_device(batch, self.device, self.config.data.normalization)
         with autocast(self.device, self.autocast):
             loss, metrics = model(views, self.step)  # the method's training_step, through DDP's forward
         if not torch.isfinite(loss):
