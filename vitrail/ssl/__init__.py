@@ -37,7 +37,7 @@ def names() -> list[str]:
 
 def trained_crop_size(method_config) -> int:
     """The image size a method's backbone trained at: DINO/iBOT's global crops, the others' single crop."""
-    return getattr(method_config, "global_crop_size", None) or method_config.crop_size
+    return method_config.trained_crop_size
 
 
 def build(config, steps_per_epoch: int, total_steps: int) -> Method:

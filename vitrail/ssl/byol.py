@@ -48,6 +48,10 @@ class BYOLConfig(BaseModel):
     crop_scale: tuple[float, float] = (0.08, 1.0)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
 
+    @property
+    def trained_crop_size(self) -> int:
+        return self.crop_size
+
     def views(self) -> MultiCrop:
         # DINO adopted BYOL's asymmetric pair for its two global crops, so that recipe without
         # local crops is exactly BYOL's.

@@ -62,6 +62,10 @@ class DINOConfig(BaseModel):
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
 
+    @property
+    def trained_crop_size(self) -> int:
+        return self.global_crop_size
+
     def views(self) -> MultiCrop:
         return MultiCrop(self.global_crop_size, self.local_crop_size, self.local_crops_number,
                          self.global_crops_scale, self.local_crops_scale, self.blur_sigma)

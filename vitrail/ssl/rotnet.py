@@ -43,6 +43,10 @@ class RotNetConfig(BaseModel):
     crop_size: int = Field(224, ge=1)
     crop_scale: tuple[float, float] = (0.08, 1.0)
 
+    @property
+    def trained_crop_size(self) -> int:
+        return self.crop_size
+
     def views(self) -> Rotations:
         return Rotations(self.crop_size, self.crop_scale)
 
