@@ -31,8 +31,8 @@ BANK, QUERIES = 10_000, 2_000
 def knn_top1(backbone, config, train_shards, test_shards) -> float:
     transform = EvalTransform(28, 28)
     data = config.data
-    bank = extract(backbone, read_index(train_shards), transform, data.channels, data.mean, data.std, limit=BANK)
-    queries = extract(backbone, read_index(test_shards), transform, data.channels, data.mean, data.std, limit=QUERIES)
+    bank = extract(backbone, read_index(train_shards), transform, data.normalization, limit=BANK)
+    queries = extract(backbone, read_index(test_shards), transform, data.normalization, limit=QUERIES)
     return knn_classify(*bank, *queries, k=20, temperature=0.07)["top1"]
 
 

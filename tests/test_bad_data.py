@@ -324,11 +324,11 @@ def test_eval_features_skip_every_damaged_image(bad_shards):
     """`vitrail eval` extracts through the same decoder: the raw-pixel baseline's features cover
     exactly the intact samples, in shard order."""
     from vitrail.eval.features import extract
-    from vitrail.pipelines.views import EvalTransform
+    from vitrail.pipelines.views import EvalTransform, Normalization
 
     root, bad = bad_shards
     index = shards.read_index(root / "test")
-    features, labels, keys = extract(torch.nn.Flatten(), index, EvalTransform.at(28), 1, [0.286], [0.353],
+    features, labels, keys = extract(torch.nn.Flatten(), index, EvalTransform.at(28), Normalization(1, (0.286,), (0.353,)),
                                      return_keys=True)
     assert keys == sorted(f"train{number:07d}" for number in range(SAMPLES) if f"train{number:07d}" not in bad)
     assert features.shape == (SAMPLES - len(bad), 28 * 28) and len(labels) == len(keys)

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import re
 import subprocess
@@ -48,11 +49,31 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("model.kwargs.depht=3", "model.kwargs.depht is not an argument of vit_small"),
     ("method.name=simclr", "method"),
     ("optim", "not of the form section.key=value"),
+    # Another optimizer than the paper's takes none of its values: each one it needs is named.
+    ("optim.name=sgd", "optim.name=sgd is not the method's paper optimizer, whose settings do not carry over: "
+                       "set optim.lr, optim.lr_scaling, optim.warmup_epochs, optim.weight_decay, "
+                       "optim.weight_decay_end, optim.clip_grad, optim.momentum, optim.nesterov"),
+    ("optim.momentum=0.9", "optim.momentum: not a setting of optim.name=adamw"),
+    ("optim.lr_milestones=[10]", "optim.lr_milestones need optim.lr_schedule: steps"),
+    ("optim.name=rmsprop", "optim.name"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     path = _write(tmp_path, "method: {name: dino}\n")
     with pytest.raises(VitrailError, match=message):
         config_module.load(path, [override])
+
+
+@pytest.mark.parametrize("method, optimizer, drop_path_rate", [
+    ("dino", "adamw", 0.1), ("ibot", "adamw", 0.1), ("dinov2", "adamw", 0.3),
+    ("byol", "lars", 0.0), ("rotnet", "sgd", 0.0), ("deepcluster", "sgd", 0.0),
+])
+def test_unset_optimizer_keys_and_stochastic_depth_are_the_methods_papers(tmp_path, method, optimizer, drop_path_rate):
+    config = config_module.load(_write(tmp_path, f"method: {{name: {method}}}\n"), ["optim.lr=0.5"])
+    paper = type(config.method).paper_optimizer
+    assert config.optim.recipe() == dataclasses.replace(paper, lr=0.5) and paper.name == optimizer
+    assert config.model.drop_path_rate == drop_path_rate
+    # Recorded in full, so the run dir's config.yaml reads back to the same recipe.
+    assert config_module.from_dict(yaml.safe_load(config.to_yaml())).optim.recipe() == config.optim.recipe()
 
 
 @pytest.mark.parametrize("override, message", [

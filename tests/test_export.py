@@ -90,9 +90,9 @@ def test_teacher_exported_for_timm_gives_vitrails_features(short_run, fashion_sh
     checkpoint = open_checkpoint(short_run)
     data = checkpoint.data
     index, transform = read_index(fashion_shards / "test"), EvalTransform.at(checkpoint.crop_size)
-    ours, _ = extract(checkpoint.backbone, index, transform, data.channels, data.mean, data.std, limit=64)
+    ours, _ = extract(checkpoint.backbone, index, transform, data.normalization, limit=64)
     for model in (by_file, by_folder):
-        theirs, _ = extract(model, index, transform, data.channels, data.mean, data.std, limit=64)
+        theirs, _ = extract(model, index, transform, data.normalization, limit=64)
         assert relative_error(torch.from_numpy(theirs), torch.from_numpy(ours)) < 1e-5
     # The export folder is also a start for another run (model.init_from).
     tree = tiny_config_tree(fashion_shards, tmp_path / "continued", run={"precision": "fp32"}, model={"init_from": str(out)})

@@ -20,7 +20,9 @@ from vitrail.launch.config import from_dict
 from vitrail.launch.local import pretrain
 from vitrail.pipelines.shards import read_index
 from vitrail.pipelines.stream import local_batches
-from vitrail.pipelines.views import MultiCrop, Rotations, SingleCrop
+from vitrail.pipelines.views import MultiCrop, Normalization, Rotations, SingleCrop
+
+FASHION = Normalization(1, (0.286,), (0.353,))  # Fashion-MNIST statistics
 
 from conftest import tiny_config_tree
 
@@ -48,8 +50,8 @@ def test_online_knn_logs_at_its_steps_equals_an_offline_evaluation_and_survives_
     method.load_state_dict(state["method"])
     backbone = method.backbone_for_eval()
     transform = eval_transform(config)
-    train = extract(backbone, read_index(fashion_shards / "train"), transform, 1, [0.286], [0.353], limit=256)
-    test = extract(backbone, read_index(fashion_shards / "test"), transform, 1, [0.286], [0.353], limit=128)
+    train = extract(backbone, read_index(fashion_shards / "train"), transform, FASHION, limit=256)
+    test = extract(backbone, read_index(fashion_shards / "test"), transform, FASHION, limit=128)
     offline = knn_classify(*train, *test, k=20, temperature=0.07)
     assert knn[-1]["knn/top1"] == pytest.approx(offline["top1"]) and knn[-1]["knn/top5"] == pytest.approx(offline["top5"])
     # Far above the 10 % of chance: the monitor classifies real features of real images.
@@ -103,9 +105,8 @@ def test_last_self_attention_is_the_softmax_sdpa_applies():
     (MultiCrop(28, 12, num_local=3), 5), (SingleCrop(20), 1), (Rotations(20), 4)])
 def test_view_grid_shows_every_view_of_every_recipe_de_normalised(fashion_shards, recipe, views_per_sample):
     batch = next(local_batches(read_index(fashion_shards / "train"), recipe, seed=0, channels=1, batch_size=6))
-    mean, std = [0.286], [0.353]
-    views = recipe.to_device(batch, "cpu", mean, std)
-    grid = view_grid(views, 6, mean, std, samples=4)
+    views = recipe.to_device(batch, "cpu", FASHION)
+    grid = view_grid(views, 6, FASHION, samples=4)
     size = 28 if isinstance(recipe, MultiCrop) else 20
     scale = -(-MIN_CELL_PIXELS // size)
     step = size * scale + 2

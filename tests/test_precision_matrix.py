@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from vitrail import backbones
+from vitrail import backbones, ssl
 from vitrail.launch.config import from_dict
 from vitrail.launch.loop import Trainer
 from vitrail.pipelines.shards import read_index
 from vitrail.pipelines.stream import local_batches
+from vitrail.ssl.base import Method
 
 from conftest import tiny_config_tree
 
@@ -28,6 +29,7 @@ FAMILIES = {
     "conformer_tiny": {"base_channels": 16, "trans_dim": 48, "num_heads": 3, "depth": 3},
     "mobileformer_26m": {},
     "resnet18": {"small_images": True},
+    "dinov2_vits14": {"patch_size": 4, "img_size": 32, "depth": 2, "embed_dim": 48, "num_heads": 3},
 }
 METHODS = {
     "dino": {"name": "dino", "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crops_number": 2,
@@ -39,12 +41,17 @@ METHODS = {
     "byol": {"name": "byol", "hidden_dim": 32, "projection_dim": 16, "crop_size": 32},
     "deepcluster": {"name": "deepcluster", "num_clusters": 8, "pca_dim": 8, "kmeans_iterations": 2, "crop_size": 32},
     "rotnet": {"name": "rotnet", "crop_size": 32},
+    "dinov2": {"name": "dinov2", "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crops_number": 2,
+               "global_crop_size": 32, "local_crop_size": 16, "warmup_teacher_temp_epochs": 1},
 }
 
 
 def trains_with(method: str, backbone: str) -> bool:
+    # DINOv2 trains its own ViTs, which the other methods' rows need not repeat (a ViT is there);
     # iBOT replaces masked patch embeddings by a learned token: the backbones that have one.
-    return method != "ibot" or "mask_token" in backbones.arguments(backbone)
+    if (method == "dinov2") != backbone.startswith("dinov2"):
+        return False
+    return method != "ibot" or backbones.supports_masking(backbone)
 
 
 STEPS = 2
@@ -109,6 +116,11 @@ def check(result: dict, label: str, logs: bool = True) -> None:
     # Every trainable tensor takes a step, except those the recipe holds back at first (DINO's and
     # iBOT's last layer in its frozen first epoch; a backbone's parameters a crop this small skips).
     assert len(result["moved"]) >= 0.9 * len(result["trainable"]), (label, sorted(set(result["trainable"]) - set(result["moved"]))[:8])
+
+
+def test_the_matrix_trains_every_registered_method_through_the_contract():
+    assert set(METHODS) == set(ssl.METHODS)
+    assert all(issubclass(method, Method) for _, method in ssl.METHODS.values())
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

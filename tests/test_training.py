@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from vitrail import ssl
 from vitrail.errors import VitrailError
 from vitrail.launch import checkpoints
 from vitrail.launch.config import from_dict
 from vitrail.launch.local import pretrain
-from vitrail.ssl.base import Method
 
 from conftest import resumed_trainer, tiny_config_tree
 
@@ -70,21 +70,20 @@ def test_missing_shards_and_tiny_datasets_are_named(fashion_shards, tmp_path):
         pretrain(from_dict(tree), progress=False)
 
 
-class _LinearThenNorm(Method):
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-
-
-def test_default_weight_decay_groups_and_per_parameter_clipping():
-    model = _LinearThenNorm()
-    decayed, plain = model.parameter_groups()
-    assert [p.shape for p in decayed["params"]] == [torch.Size([4, 4])]
-    assert len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
-    assert decayed["lr_multiplier"] == plain["lr_multiplier"] == 1.0 and model.lr_scaling == "linear_256"
-    for parameter, scale in zip(model.parameters(), (10.0, 0.1, 5.0, 1.0)):
+def test_default_weight_decay_groups_and_per_parameter_clipping(fashion_shards, tmp_path):
+    config = from_dict(tiny_config_tree(fashion_shards, tmp_path / "run"))
+    method = ssl.build(config, steps_per_epoch=1, total_steps=1)  # DINO: Method's default groups
+    decayed, plain = method.parameter_groups()
+    names = {id(parameter): name for name, parameter in method.named_parameters()}
+    assert all(parameter.ndim > 1 and not names[id(parameter)].endswith(".bias") for parameter in decayed["params"])
+    assert {names[id(p)] for p in plain["params"]} >= {"student.backbone.norm.weight", "student.backbone.norm.bias",
+                                                       "student.head.mlp.0.bias"}
+    assert not any(name.startswith("teacher.") for name in map(names.get, map(id, decayed["params"] + plain["params"])))
+    assert (decayed["decay"], plain["decay"]) == (True, False)
+    clipped = list(method.student.head.mlp[0].parameters()) + list(method.student.backbone.norm.parameters())
+    for parameter, scale in zip(clipped, (10.0, 0.1, 5.0, 1.0)):
         parameter.grad = torch.full_like(parameter, scale)
-    norms_before = [p.grad.norm().item() for p in model.parameters()]
-    model.clip_gradients(3.0)
-    for parameter, before in zip(model.parameters(), norms_before):
+    norms_before = [p.grad.norm().item() for p in clipped]
+    method.clip_gradients(3.0)
+    for parameter, before in zip(clipped, norms_before):
         assert parameter.grad.norm().item() == pytest.approx(min(before, 3.0), rel=1e-4)

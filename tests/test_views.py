@@ -3,13 +3,14 @@ import math
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 from torchvision.transforms import functional as TF
 
 from vitrail.pipelines.augment import uniform_stream
 from vitrail.pipelines.datasets import load_fashion_mnist
 from vitrail.pipelines.photometric import BRIGHTNESS, CONTRAST, HUE, SATURATION, gaussian_blur_, photometric
-from vitrail.pipelines.views import Augment, EvalTransform, MultiCrop, normalize, sample_generator
+from vitrail.pipelines.views import Augment, EvalTransform, MultiCrop, Normalization, sample_generator
 
 _TORCHVISION_OPS = {BRIGHTNESS: TF.adjust_brightness, CONTRAST: TF.adjust_contrast,
                     SATURATION: TF.adjust_saturation, HUE: TF.adjust_hue}
@@ -26,9 +27,9 @@ def test_multicrop_shapes_and_dtypes():
     columns = recipe(_images(5, channels=3), [f"k{i}" for i in range(5)], seed=0, epoch=0)
     assert columns["global"].shape == (5, 2, 3, 32, 32) and columns["global"].dtype == np.uint8
     assert columns["local"].shape == (5, 3, 3, 16, 16) and columns["local"].dtype == np.uint8
-    views = recipe.to_device(columns, "cpu", [0.5] * 3, [0.25] * 3)
-    assert [tuple(v.shape) for v in views] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 3
-    assert all(v.dtype == torch.float32 for v in views)
+    views = recipe.to_device(columns, "cpu", Normalization(3, (0.5,) * 3, (0.25,) * 3))
+    assert [tuple(v.shape) for v in views.crops] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 3
+    assert all(v.dtype == torch.float32 for v in views.crops)
 
 
 def test_no_local_crops_gives_no_local_column():
@@ -155,10 +156,14 @@ def test_eval_transform_resizes_short_side_and_centre_crops():
     np.testing.assert_array_equal(identity[0], _images(1)[0].numpy())
 
 
-def test_normalize():
+def test_normalization_standardises_and_inverts():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
-    out = normalize(x, [0.5, 0.5, 0.5], [0.5, 0.25, 0.5])
+    normalization = Normalization(3, (0.5, 0.5, 0.5), (0.5, 0.25, 0.5))
+    out = normalization(x)
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([1.0, 2.0, 1.0]))
+    assert torch.equal(normalization.invert(out), x)
+    with pytest.raises(ValueError, match="3 channels need as many means and stds"):
+        Normalization(3, (0.5,), (0.5,))
 
 
 def test_grayscale_crops_are_the_luma_of_the_crop():

@@ -13,7 +13,7 @@ from vitrail.eval.features import extract
 from vitrail.eval.knn import knn_classify_multi_k
 from vitrail.launch.cli import main
 from vitrail.pipelines.shards import read_index
-from vitrail.pipelines.views import EvalTransform
+from vitrail.pipelines.views import EvalTransform, Normalization
 
 
 def released_vit():
@@ -81,8 +81,8 @@ def test_eval_knn_on_released_dino_weights(fashion_shards, tmp_path, capsys):
     rows = json.loads((tmp_path / "results.json").read_text())["knn"]
     assert [row["k"] for row in rows] == [10, 20, 100, 200]
     # The same protocol computed here, on features of the model we saved, with ImageNet statistics (DINO's).
-    transform, stats = EvalTransform.at(32), dict(channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-    train, test = (extract(model, read_index(fashion_shards / split), transform, **stats, limit=320) for split in ("train", "test"))
+    transform, stats = EvalTransform.at(32), Normalization(3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train, test = (extract(model, read_index(fashion_shards / split), transform, stats, limit=320) for split in ("train", "test"))
     expected = knn_classify_multi_k(*train, *test)
     for row in rows:
         assert (row["top1"], row["top5"]) == (expected[row["k"]]["top1"], expected[row["k"]]["top5"])

@@ -10,9 +10,9 @@ from vitrail.eval import cache
 from vitrail.eval.distributed import ray_feature_batches, shard_groups
 from vitrail.eval.features import check_mode, cls_columns, default_probe_features, extract, feature_batches, frozen_features
 from vitrail.pipelines.shards import read_index
-from vitrail.pipelines.views import EvalTransform
+from vitrail.pipelines.views import EvalTransform, Normalization
 
-STATS = dict(channels=1, mean=[0.286], std=[0.353])
+STATS = Normalization(1, (0.286,), (0.353,))
 
 
 def tiny_vit(depth=5):
@@ -54,11 +54,11 @@ def test_default_probe_features_follow_dino_and_bad_modes_are_named():
 
 def test_cache_stores_memory_mapped_features_equal_to_extraction(fashion_shards, tmp_path):
     model, index, transform = tiny_vit(depth=4), read_index(fashion_shards / "test"), EvalTransform(28, 28)
-    features, labels, keys = extract(model, index, transform, **STATS, limit=200, return_keys=True, mode="last4")
+    features, labels, keys = extract(model, index, transform, STATS, limit=200, return_keys=True, mode="last4")
     folder = cache.entry(tmp_path, "test", {"case": 1})
     assert cache.load(folder) is None
     # A capacity above what arrives is what skipped (undecodable) samples leave: the file is cut to size.
-    stored = cache.store(folder, feature_batches(model, index, transform, **STATS, batch_size=64, limit=200, mode="last4"),
+    stored = cache.store(folder, feature_batches(model, index, transform, STATS, batch_size=64, limit=200, mode="last4"),
                          capacity=index.num_samples, identity={"case": 1})
     assert isinstance(stored.features, np.memmap) and stored.features.shape == (200, 192)
     np.testing.assert_array_equal(stored.features, features)
@@ -74,8 +74,8 @@ def test_ray_extraction_equals_in_process(fashion_shards, ray_cluster):
     model, index, transform = tiny_vit(depth=2), read_index(fashion_shards / "train"), EvalTransform(28, 28)
     assert [len(group.shards) for group in shard_groups(index, 2)] == [3, 2]
     assert [len(group.shards) for group in shard_groups(index, 4, limit=300)] == [1, 1, 1]
-    expected = extract(model, index, transform, **STATS, limit=600, return_keys=True)
-    parts = list(ray_feature_batches(model, index, transform, **STATS, workers=2, limit=600))
+    expected = extract(model, index, transform, STATS, limit=600, return_keys=True)
+    parts = list(ray_feature_batches(model, index, transform, STATS, workers=2, limit=600))
     assert len(parts) == 2
     features, labels, keys = (np.concatenate([part[i] for part in parts]) for i in range(3))
     np.testing.assert_allclose(features, expected[0], rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from vitrail.errors import VitrailError
 from vitrail.launch import checkpoints
 from vitrail.launch.config import from_dict, load
 from vitrail.launch.local import pretrain
-from vitrail.pipelines.views import key_ids
+from vitrail.pipelines.views import Views, key_ids
 from vitrail.ssl.deepcluster import DeepCluster, DeepClusterConfig, pca_whiten
 
 from conftest import resumed_trainer, tiny_config_tree
@@ -28,7 +28,7 @@ def tiny_tree(shards, run_dir, **optim):
 def _method(num_clusters=5, seed=0):
     torch.manual_seed(seed)
     config = DeepClusterConfig(num_clusters=num_clusters, pca_dim=8, crop_size=28)
-    return DeepCluster(config, "vit_tiny", {"in_chans": 1, **TINY_VIT}, steps_per_epoch=1, total_steps=1)
+    return DeepCluster(config, "vit_tiny", {"in_chans": 1, **TINY_VIT}, steps_per_epoch=1, total_steps=1, drop_path_rate=0.0)
 
 
 def _blobs(count=300, dim=12):
@@ -67,7 +67,7 @@ def test_loss_weights_each_sample_by_its_inverse_cluster_size():
     method.assign(_blobs(), keys, epoch=0)
     images = torch.randn(6, 1, 28, 28)
     ids = torch.from_numpy(key_ids(keys[:6]))
-    loss, metrics = method({"images": images, "key_ids": ids}, step=0)
+    loss, metrics = method(Views([images], key_ids=ids), step=0)
     labels = method.pseudo_labels(ids)
     logits = method.classifier(method.backbone(images))
     weights = 1.0 / method.cluster_sizes[labels].float()

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from vitrail.errors import VitrailError
 from vitrail.launch.config import from_dict, load
 from vitrail.launch.local import pretrain
+from vitrail.pipelines.views import Views
 from vitrail.ssl.dinov2 import DINOv2, DINOv2Config, KoLeoLoss, sinkhorn_knopp
 
 from conftest import tiny_config_tree
@@ -27,7 +28,8 @@ TINY_VIT = {"in_chans": 1, "patch_size": 4, "img_size": 28, "depth": 2, "embed_d
 def tiny_dinov2(**config) -> DINOv2:
     settings = {**TINY_HEADS, "global_crop_size": 28, "local_crop_size": 12, "local_crops_number": 2,
                 "warmup_teacher_temp_epochs": 0, **config}
-    return DINOv2(DINOv2Config(**settings), "dinov2_vits14", TINY_VIT, steps_per_epoch=4, total_steps=8)
+    return DINOv2(DINOv2Config(**settings), "dinov2_vits14", TINY_VIT, steps_per_epoch=4, total_steps=8,
+                  drop_path_rate=0.0)
 
 
 def test_koleo_is_minus_the_mean_log_distance_to_the_nearest_neighbour():
@@ -127,16 +129,19 @@ def test_the_ibot_loss_is_taken_over_exactly_the_masked_positions():
 def test_forward_sums_the_weighted_dino_koleo_and_ibot_terms(separate_head, centering):
     model = tiny_dinov2(separate_head=separate_head, centering=centering)
     views = [torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28), torch.randn(3, 1, 12, 12), torch.randn(3, 1, 12, 12)]
-    loss, metrics = model(views, step=0)
+    loss, metrics = model(Views(views), step=0)
     loss.backward()
     assert loss.item() == pytest.approx(
         metrics["loss_dino"].item() + 0.1 * metrics["loss_koleo"].item() + metrics["loss_ibot"].item(), rel=1e-5)
     assert metrics["mask_ratio"] > 0 and metrics["loss_ibot"] > 0
     assert model.student.backbone.mask_token.grad is not None
     assert ("ibot_head" in model.student) == separate_head
-    # The last layer is frozen in the first epoch (step 0 of 4 per epoch).
-    assert model.student.dino_head.last_layer.weight_v.grad is None
-    centres_moved = model.loss.center.abs().sum() > 0 and model.patch_center.center.abs().sum() > 0
+    # The last layer is frozen in the first epoch (step 0 of 4 per epoch): its gradients are cancelled.
+    last_layer = model.student.dino_head.last_layer
+    assert last_layer.weight_v.grad is not None and last_layer.weight_g.grad is not None
+    model.after_backward(step=0)
+    assert last_layer.weight_v.grad is None and last_layer.weight_g.grad is None
+    centres_moved = model.cls_center.center.abs().sum() > 0 and model.patch_center.center.abs().sum() > 0
     assert centres_moved == (centering == "centering")
 
 
@@ -155,12 +160,12 @@ def test_parameter_groups_decay_the_lr_per_block_and_spare_biases_norms_and_gamm
     for name, parameter in named.items():
         assert decays[id(parameter)] == (not (name.endswith(".bias") or "norm" in name or "gamma" in name)), name
     assert set(multiplier) == {id(p) for p in model.student.parameters()}  # every student parameter, no teacher one
-    assert model.lr_scaling == "sqrt_1024"
+    assert DINOv2Config.paper_optimizer.lr_scaling == "sqrt_1024"
 
 
 def test_other_backbones_are_refused_naming_the_key():
     with pytest.raises(VitrailError, match="model.backbone='vit_small': DINOv2 trains the DINOv2 ViTs"):
-        DINOv2(DINOv2Config(**TINY_HEADS), "vit_small", {}, steps_per_epoch=1, total_steps=1)
+        DINOv2(DINOv2Config(**TINY_HEADS), "vit_small", {}, steps_per_epoch=1, total_steps=1, drop_path_rate=0.0)
 
 
 def test_local_training_steps_move_the_student_with_per_group_learning_rates(fashion_shards, tmp_path):
@@ -174,7 +179,7 @@ def test_local_training_steps_move_the_student_with_per_group_learning_rates(fas
                       "freeze_last_layer_epochs": 0}
     config = from_dict(tree)
     torch.manual_seed(config.run.seed)  # the trainer's initial weights
-    initial = DINOv2(config.method, "dinov2_vits14", {"in_chans": 1, **tree["model"]["kwargs"]}, 20, 20).state_dict()
+    initial = DINOv2(config.method, "dinov2_vits14", {"in_chans": 1, **tree["model"]["kwargs"]}, 20, 20, 0.3).state_dict()
     trainer = pretrain(config, progress=False)
     assert trainer.step == 6
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -8,7 +8,7 @@ from vitrail.errors import VitrailError
 from vitrail.launch import checkpoints
 from vitrail.launch.config import from_dict, load
 from vitrail.launch.local import pretrain
-from vitrail.pipelines.views import BlockMasking
+from vitrail.pipelines.views import BlockMasking, Views
 from vitrail.ssl.ibot import IBOT, IBOTConfig, MaskedPatchLoss
 
 from conftest import resumed_trainer, tiny_config_tree
@@ -64,9 +64,9 @@ def test_masks_follow_the_requested_ratio_distribution():
 def test_forward_on_vit_and_swin_adds_cls_and_patch_losses(backbone, kwargs, crop):
     config = IBOTConfig(**TINY_HEAD, shared_head=False, global_crop_size=crop, local_crops_number=1,
                         warmup_teacher_temp_epochs=0, mask_ratios=(0.3,), mask_ratio_vars=(0.2,))
-    ibot = IBOT(config, backbone, {"in_chans": 1, **kwargs}, steps_per_epoch=4, total_steps=8)
+    ibot = IBOT(config, backbone, {"in_chans": 1, **kwargs}, steps_per_epoch=4, total_steps=8, drop_path_rate=0.0)
     views = [torch.randn(3, 1, crop, crop), torch.randn(3, 1, crop, crop), torch.randn(3, 1, 8, 8)]
-    loss, metrics = ibot(views, step=0)
+    loss, metrics = ibot(Views(views), step=0)
     loss.backward()
     assert loss.item() == pytest.approx(metrics["loss_cls"].item() + metrics["loss_patch"].item(), rel=1e-5)
     assert metrics["loss_patch"] > 0 and metrics["mask_ratio"] > 0
@@ -76,7 +76,7 @@ def test_forward_on_vit_and_swin_adds_cls_and_patch_losses(backbone, kwargs, cro
 
 def test_backbones_without_a_mask_token_are_refused():
     with pytest.raises(VitrailError, match="iBOT needs a token backbone"):
-        IBOT(IBOTConfig(**TINY_HEAD), "resnet18", {"in_chans": 1}, steps_per_epoch=1, total_steps=1)
+        IBOT(IBOTConfig(**TINY_HEAD), "resnet18", {"in_chans": 1}, steps_per_epoch=1, total_steps=1, drop_path_rate=0.0)
 
 
 def test_local_run_resumes_with_centres_and_mask_seed(fashion_shards, tmp_path):

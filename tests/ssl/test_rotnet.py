@@ -7,7 +7,7 @@ import torch
 from vitrail.launch import checkpoints
 from vitrail.launch.config import from_dict, load
 from vitrail.launch.local import pretrain
-from vitrail.pipelines.views import Rotations
+from vitrail.pipelines.views import Normalization, Rotations
 from vitrail.ssl.rotnet import rotation_loss
 
 from conftest import resumed_trainer, tiny_config_tree
@@ -24,12 +24,13 @@ def test_rotation_views_are_the_four_rotations_with_labels():
     recipe = Rotations(size=6, scale=(1.0, 1.0))
     columns = recipe(images, ["a", "b"], seed=0, epoch=0)
     columns["key"] = np.array(["a", "b"], dtype=object)
-    views = recipe.to_device(columns, "cpu", [0.0], [1 / 255])
-    assert views["images"].shape == (8, 1, 6, 6)
-    assert views["labels"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    upright = views["images"][:2]
+    views = recipe.to_device(columns, "cpu", Normalization(1, (0.0,), (1 / 255,)))
+    (rotated,) = views.crops
+    assert rotated.shape == (8, 1, 6, 6)
+    assert views.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    upright = rotated[:2]
     for quarter in range(4):
-        torch.testing.assert_close(views["images"][2 * quarter:2 * quarter + 2], torch.rot90(upright, quarter, (-2, -1)))
+        torch.testing.assert_close(rotated[2 * quarter:2 * quarter + 2], torch.rot90(upright, quarter, (-2, -1)))
 
 
 def test_loss_is_cross_entropy_over_rotations():

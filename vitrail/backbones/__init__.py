@@ -35,6 +35,12 @@ def arguments(name: str) -> list[str]:
     return list(inspect.signature(_REGISTRY[name][0]).parameters)
 
 
+def supports_masking(name: str) -> bool:
+    """Whether backbone `name` can replace masked patch embeddings by a learned token (iBOT,
+    DINOv2): it declares so by taking a `mask_token` argument (ViT, Swin)."""
+    return "mask_token" in arguments(name)
+
+
 def create(name: str, compiled: bool = False, **overrides) -> nn.Module:
     """Build backbone `name` with its variant table's kwargs, updated by `overrides`; with
     `compiled`, its forward runs through torch.compile (`run.compile`).

@@ -238,6 +238,11 @@ class SwinTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    @property
+    def token_stride(self) -> int:
+        """Input pixels per side of one output patch token: the patch size, doubled by each stage's merge."""
+        return self.patch_size * 2 ** (len(self.layers) - 1)
+
     def forward_features(self, x, masks=None) -> dict[str, torch.Tensor]:
         """masks (B, H/4 * W/4) bool over the patch-embedding grid; "patches" are the last stage's."""
         x = self.patch_embed(x)  # (B, H/4, W/4, C)

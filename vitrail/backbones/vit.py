@@ -174,6 +174,11 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.interpolate_pos_embed(grid_h, grid_w)
 
+    @property
+    def token_stride(self) -> int:
+        """Input pixels per side of one output patch token."""
+        return self.patch_size
+
     def forward_features(self, x, masks=None) -> dict[str, torch.Tensor]:
         x = self.prepare_tokens(x, masks)
         for block in self.blocks:

@@ -20,7 +20,7 @@ def shard_groups(index: ShardIndex, workers: int, limit: int | None = None) -> l
             for part in np.array_split(np.arange(len(shards)), min(workers, len(shards))) if len(part)]
 
 
-def ray_feature_batches(backbone, index: ShardIndex, transform, channels: int, mean, std, workers: int,
+def ray_feature_batches(backbone, index: ShardIndex, transform, normalization, workers: int,
                         batch_size: int = 256, limit: int | None = None, mode: str = "cls",
                         max_pixels: int = MAX_IMAGE_PIXELS):
     """The batches `features.feature_batches` gives, computed by `workers` Ray tasks of one CPU each.
@@ -37,7 +37,7 @@ def ray_feature_batches(backbone, index: ShardIndex, transform, channels: int, m
     try:
         extract_group = ray.remote(num_cpus=1)(_extract_group)
         model = ray.put(backbone.cpu())
-        parts = [extract_group.remote(model, group, transform, channels, mean, std, batch_size, mode, max_pixels)
+        parts = [extract_group.remote(model, group, transform, normalization, batch_size, mode, max_pixels)
                  for group in shard_groups(index, workers, limit)]
         seen = 0
         for part in parts:
@@ -51,9 +51,9 @@ def ray_feature_batches(backbone, index: ShardIndex, transform, channels: int, m
             ray.shutdown()
 
 
-def _extract_group(backbone, index, transform, channels, mean, std, batch_size, mode, max_pixels):
+def _extract_group(backbone, index, transform, normalization, batch_size, mode, max_pixels):
     from vitrail.eval.features import extract
 
-    return extract(backbone, index, transform, channels, mean, std, batch_size, return_keys=True, mode=mode,
+    return extract(backbone, index, transform, normalization, batch_size, return_keys=True, mode=mode,
                    max_pixels=max_pixels)
 

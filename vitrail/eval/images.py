@@ -16,30 +16,15 @@ MIN_CELL_PIXELS = 96
 _PADDING = 2
 
 
-def denormalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """Normalised float (B, C, H, W) -> uint8 (B, C, H, W), the inverse of `views.normalize`."""
-    mean = torch.tensor(mean, device=images.device).view(-1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(-1, 1, 1)
-    return ((images.float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
-
-
 def view_tensors(views, batch_size: int) -> list[torch.Tensor]:
-    """The image views of whatever a recipe's `to_device` returned, each (B, C, H, W).
-
-    A list holds one view per entry (multi-crop); a dict's float 4-d entries count too, and one
-    stacking m views of the batch along dim 0 (RotNet's (4B, C, S, S)) is split into m.
-    """
-    tensors = views.values() if isinstance(views, dict) else views
-    split = []
-    for tensor in tensors:
-        if isinstance(tensor, torch.Tensor) and tensor.ndim == 4 and tensor.is_floating_point():
-            split.extend(tensor.split(batch_size))
-    return split
+    """The crops of a recipe's `Views`, each (B, C, H, W): a crop stacking m views of the batch
+    along dim 0 (RotNet's (4B, C, S, S)) is split into m."""
+    return [view for crop in views.crops for view in crop.split(batch_size)]
 
 
-def view_grid(views, batch_size: int, mean, std, samples: int = 4) -> np.ndarray:
+def view_grid(views, batch_size: int, normalization, samples: int = 4) -> np.ndarray:
     """A row per sample (the first `samples`), a column per view, de-normalised: uint8 (H, W, 3)."""
-    columns = [denormalize(view[:samples].detach().cpu(), mean, std) for view in view_tensors(views, batch_size)]
+    columns = [normalization.invert(view[:samples].detach().cpu()) for view in view_tensors(views, batch_size)]
     rows = min(len(column) for column in columns)
     return tile([[column[row] for column in columns] for row in range(rows)])
 

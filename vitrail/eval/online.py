@@ -17,12 +17,11 @@ import torch
 from torch import nn
 
 from vitrail import ssl
-from vitrail.eval.features import embed_images
+from vitrail.eval.features import embedded, gathered, image_batches
 from vitrail.eval.images import attention_grid, cls_attention_maps, view_grid
 from vitrail.eval.knn import knn_classify
 from vitrail.pipelines.shards import ShardIndex, read_index
-from vitrail.pipelines.stream import local_batches
-from vitrail.pipelines.views import EvalTransform, normalize
+from vitrail.pipelines.views import EvalTransform
 
 log = logging.getLogger("vitrail.monitor")
 VIEW_SAMPLES = 4
@@ -30,20 +29,6 @@ VIEW_SAMPLES = 4
 
 def eval_transform(config) -> EvalTransform:
     return EvalTransform.at(ssl.trained_crop_size(config.method))
-
-
-def decoded_subset(index: ShardIndex, transform: EvalTransform, data, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `limit` samples of a shard set (decoded as `data`, the config's section), eval-cropped:
-    uint8 (N, C, S, S) and labels (N,)."""
-    images, labels, seen = [], [], 0
-    for batch in local_batches(index, transform, seed=0, channels=data.channels, batch_size=256,
-                               shuffle=False, epochs=1, drop_last=False, max_pixels=data.max_image_pixels):
-        images.append(torch.from_numpy(batch["image"]))
-        labels.append(torch.from_numpy(batch["label"]))
-        seen += len(batch["image"])
-        if seen >= limit:
-            break
-    return torch.cat(images)[:limit], torch.cat(labels)[:limit]
 
 
 @contextmanager
@@ -57,11 +42,6 @@ def evaluating(module: nn.Module):
     finally:
         for child, training in modes:
             child.training = training
-
-
-def features_of(backbone: nn.Module, images: torch.Tensor, mean, std, device, batch_size: int = 256) -> torch.Tensor:
-    """Backbone features (N, D) float32 on the CPU of uint8 images (N, C, S, S)."""
-    return torch.cat([embed_images(backbone, chunk, mean, std, device) for chunk in images.split(batch_size)])
 
 
 class OnlineMonitor:
@@ -106,18 +86,26 @@ class OnlineMonitor:
     def view_grid(self, batch: dict):
         data = self.config.data
         first = {column: values[:VIEW_SAMPLES] for column, values in batch.items()}
-        views = self.views.to_device(first, self.device, data.mean, data.std)
-        return view_grid(views, len(first["label"]), data.mean, data.std, VIEW_SAMPLES)
+        views = self.views.to_device(first, self.device, data.normalization)
+        return view_grid(views, len(first["label"]), data.normalization, VIEW_SAMPLES)
 
     def knn(self, backbone: nn.Module) -> dict[str, float]:
         settings, data = self.settings, self.config.data
-        if self._bank is None:
+        if self._bank is None:  # decoded once, kept as uint8 eval crops
             bank, queries = self._knn_indexes
-            self._bank = decoded_subset(bank, self.transform, data, settings.knn_train_samples)
-            self._queries = decoded_subset(queries, self.transform, data, settings.knn_test_samples)
-        train, test = (features_of(backbone, images, data.mean, data.std, self.device) for images, _ in (self._bank, self._queries))
-        accuracy = knn_classify(train, self._bank[1], test, self._queries[1], k=settings.k, temperature=settings.temperature)
+            self._bank = self.decoded(bank, settings.knn_train_samples)
+            self._queries = self.decoded(queries, settings.knn_test_samples)
+        (train, train_labels), (test, test_labels) = (
+            gathered(embedded(backbone, batches, data.normalization, self.device), "the online k-NN subset")
+            for batches in (self._bank, self._queries))
+        accuracy = knn_classify(torch.from_numpy(train), torch.from_numpy(train_labels), torch.from_numpy(test),
+                                torch.from_numpy(test_labels), k=settings.k, temperature=settings.temperature)
         return {"knn/top1": accuracy["top1"], "knn/top5": accuracy["top5"]}
+
+    def decoded(self, index: ShardIndex, limit: int) -> list[dict]:
+        """The first `limit` samples of a shard set as uint8 eval-crop batches."""
+        return list(image_batches(index, self.transform, self.config.data.channels, limit=limit,
+                                  max_pixels=self.config.data.max_image_pixels))
 
     def has_attention(self, backbone: nn.Module) -> bool:
         if not hasattr(backbone, "last_self_attention") and not self._attention_skipped:
@@ -129,8 +117,8 @@ class OnlineMonitor:
         data = self.config.data
         if self._attention_images is None:
             index = read_index(data.eval_test_shards or data.shards)
-            self._attention_images = decoded_subset(index, self.transform, data, self.settings.attention_images)[0]
+            self._attention_images = torch.from_numpy(self.decoded(index, self.settings.attention_images)[0]["image"])
         images = self._attention_images
-        attention = backbone.last_self_attention(normalize(images.to(self.device), data.mean, data.std))
+        attention = backbone.last_self_attention(data.normalization(images.to(self.device)))
         grid = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
         return attention_grid(images, cls_attention_maps(attention.float().cpu(), grid))

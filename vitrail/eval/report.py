@@ -115,10 +115,10 @@ def _names(classes: list[str], shown: int = 20) -> str:
 
 def _batches(model, index: ShardIndex, transform, data, mode, limit, workers, device):
     if workers:
-        return ray_feature_batches(model, index, transform, data.channels, data.mean, data.std, workers,
+        return ray_feature_batches(model, index, transform, data.normalization, workers,
                                    limit=limit, mode=mode, max_pixels=data.max_image_pixels)
-    return feature_batches(model, index, transform, data.channels, data.mean, data.std, device=device,
-                           limit=limit, mode=mode, max_pixels=data.max_image_pixels)
+    return feature_batches(model, index, transform, data.normalization, device=device, limit=limit, mode=mode,
+                           max_pixels=data.max_image_pixels, progress=f"features {index.folder}")
 
 
 def _capacity(index: ShardIndex, limit: int | None) -> int:

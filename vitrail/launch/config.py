@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vitrail import backbones
 from vitrail.errors import VitrailError
 from vitrail.pipelines.decode import MAX_IMAGE_PIXELS
+from vitrail.pipelines.views import Normalization
 from vitrail.ssl import METHODS, MethodConfig
+from vitrail.ssl.optim import OPTIMIZER_SETTINGS, LrScaling, OptimizerName, OptimizerRecipe
 
 
 class Section(BaseModel):
@@ -54,6 +56,10 @@ class DataSection(Section):
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="images with more pixels are skipped and counted")
     verify: bool = Field(False, description="check each shard's sha256 against index.json when first read")
 
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization(self.channels, tuple(self.mean), tuple(self.std))
+
     @model_validator(mode="after")
     def _stats_match_channels(self):
         if len(self.mean) != self.channels or len(self.std) != self.channels:
@@ -63,9 +69,9 @@ class DataSection(Section):
 
 class ModelSection(Section):
     backbone: str = "vit_small"
-    # DINO Sec. 3 / official main_dino.py: stochastic depth 0.1 in the student (ignored by
-    # backbones without stochastic depth, such as ResNet).
-    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    # Stochastic depth in the student (ignored by backbones without it, such as ResNet); unset,
+    # the method's paper value (`paper_drop_path_rate`: DINO and iBOT 0.1, DINOv2 0.3, the others 0).
+    drop_path_rate: Optional[float] = Field(None, ge=0.0, lt=1.0)
     kwargs: dict = Field(default_factory=dict, description="extra keyword arguments of the backbone")
     # BatchNorm statistics over the global batch of all workers, as DINO's main_dino.py (SyncBatchNorm
     # in student and teacher) and BYOL's cross-replica BN do; no effect on one worker or without BN.
@@ -91,18 +97,52 @@ class ModelSection(Section):
 
 
 class OptimSection(Section):
-    # DINO Sec. 4 / App. (ViT-S/16 recipe): AdamW, lr 5e-4 x batch/256, 10 warm-up epochs,
-    # cosine to 1e-6; weight decay cosine 0.04 -> 0.4; gradient clipping 3.0; 100 epochs.
+    """How long and on what batch a run trains, and the optimizer. Every optimizer key left unset
+    takes the method's paper value (`paper_optimizer` of its config, vitrail/ssl/<method>.py);
+    naming another optimizer than the paper's carries none of them over, so they must all be set."""
+
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1, description="images per worker per step")
-    lr: float = Field(5e-4, gt=0, description="learning rate at the method's reference batch: 256, scaled linearly "
-                                        "(DINO and most methods); 1024, scaled by the square root (DINOv2)")
-    min_lr: float = Field(1e-6, ge=0)
-    warmup_epochs: float = Field(10, ge=0)
-    weight_decay: float = Field(0.04, ge=0)
-    weight_decay_end: float = Field(0.4, ge=0)
-    clip_grad: float = Field(3.0, ge=0, description="max gradient norm per parameter tensor; 0 disables")
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps (schedules still span all epochs)")
+    name: Optional[OptimizerName] = Field(None, description="adamw, sgd or lars")
+    lr: Optional[float] = Field(None, gt=0, description="peak learning rate at the reference batch of lr_scaling")
+    lr_scaling: Optional[LrScaling] = Field(None, description="linear_256: lr x global batch / 256; sqrt_1024: "
+                                            "lr x sqrt(global batch / 1024); none: lr as is")
+    warmup_epochs: Optional[float] = Field(None, ge=0)
+    lr_schedule: Optional[Literal["cosine", "steps"]] = Field(None, description="after the warm-up: cosine to "
+                                                              "min_lr, or x lr_gamma at each of lr_milestones")
+    min_lr: Optional[float] = Field(None, ge=0)
+    lr_milestones: Optional[tuple[float, ...]] = Field(None, description="epochs (lr_schedule: steps)")
+    lr_gamma: Optional[float] = Field(None, gt=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    weight_decay_end: Optional[float] = Field(None, ge=0)
+    clip_grad: Optional[float] = Field(None, ge=0, description="max gradient norm (the method's rule); 0 disables")
+    momentum: Optional[float] = Field(None, ge=0, lt=1, description="sgd and lars")
+    nesterov: Optional[bool] = Field(None, description="sgd")
+    trust_coefficient: Optional[float] = Field(None, gt=0, description="lars")
+
+    @model_validator(mode="after")
+    def _complete_recipe(self):
+        if self.name is None:
+            return self  # only a Config fills the recipe in (from its method)
+        required = ["lr", "lr_scaling", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
+                    *OPTIMIZER_SETTINGS[self.name]]
+        missing = [key for key in required if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"optim.name={self.name} is not the method's paper optimizer, whose settings do not "
+                             f"carry over: set {', '.join('optim.' + key for key in missing)}")
+        foreign = [key for keys in OPTIMIZER_SETTINGS.values() for key in keys
+                   if key not in OPTIMIZER_SETTINGS[self.name] and getattr(self, key) is not None]
+        if foreign:
+            raise ValueError(f"{', '.join('optim.' + key for key in foreign)}: not a setting of optim.name={self.name}")
+        if self.lr_milestones and self.lr_schedule != "steps":
+            raise ValueError("optim.lr_milestones need optim.lr_schedule: steps")
+        return self
+
+    def recipe(self) -> OptimizerRecipe:
+        fields = {key: value for key, value in self.model_dump(exclude={"epochs", "batch_size", "max_steps"}).items()
+                  if value is not None}
+        return OptimizerRecipe(**fields)
 
 
 class RaySection(Section):
@@ -150,6 +190,25 @@ class Config(Section):
     optim: OptimSection = Field(default_factory=OptimSection)
     ray: RaySection = Field(default_factory=RaySection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_defaults(cls, tree):
+        """Unset optim.* keys (the optimizer being the paper's) and model.drop_path_rate take the
+        method's paper values, so config.yaml records every value the run used."""
+        method = tree.get("method") if isinstance(tree, dict) else None
+        if not isinstance(method, dict) or method.get("name") not in METHODS:
+            return tree  # pydantic names what is wrong
+        paper = METHODS[method["name"]][0]
+        tree = dict(tree)
+        if isinstance(tree.setdefault("optim", {}), dict):
+            optim = tree["optim"] = dict(tree["optim"])
+            if optim.setdefault("name", paper.paper_optimizer.name) == paper.paper_optimizer.name:
+                for key, value in paper.paper_optimizer.settings().items():
+                    optim.setdefault(key, value)
+        if isinstance(tree.setdefault("model", {}), dict):
+            tree["model"] = {"drop_path_rate": paper.paper_drop_path_rate, **tree["model"]}
+        return tree
 
     @model_validator(mode="after")
     def _online_knn_has_shards(self):

@@ -1,12 +1,12 @@
 """The training loop every launcher runs: local (one process) and Ray Train (one per worker).
 
-It knows nothing of any method's internals: it builds the method named in the config, feeds
-it view batches, steps AdamW on the paper's schedules, and checkpoints and logs on rank 0.
+It knows nothing of any method's internals: it builds the method named in the config and calls
+its contract (vitrail.ssl.base.Method) alone: the views, the method's optimizer and schedules, the
+step and its hooks. It checkpoints and logs on rank 0.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from vitrail.launch.config import Config
 from vitrail.launch.init_from import initialise
 from vitrail.precision import autocast, float32_norms, uses_bf16
 from vitrail.pipelines.shards import ShardIndex, read_index
-from vitrail.ssl.schedules import cosine
+from vitrail.ssl.optim import apply
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,10 @@ class Trainer:
             # Student and EMA teacher alike: both normalise by batch statistics in training mode.
             self.method = sync_batchnorm.convert(self.method, self.device)
         float32_norms(self.method)  # after the conversion, which on CUDA builds new BatchNorm layers
-        self.optimizer = torch.optim.AdamW(self.method.parameter_groups())
+        self.recipe = config.optim.recipe()
+        self.optimizer = self.method.optimizer(self.recipe)
         self.step = 0
-        self.views = config.method.views()
+        self.views = self.method.views()
         self.autocast = uses_bf16(config.run.precision, self.device)
 
     # -- state ---------------------------------------------------------------------------
@@ -102,36 +103,28 @@ class Trainer:
         return value
 
     def training_set_features(self, backbone: nn.Module, transform) -> tuple:
-        """(features (N, D) float32, keys) of every training sample through `transform`: what
-        `method.on_epoch_start` gets, since the view stream never holds the whole data set."""
+        """(features (N, D) float32, keys) of every training sample through `transform`: the
+        `features_of` that `method.on_epoch_start` gets, since the view stream never holds the whole data set."""
         was_training = backbone.training
         data = self.config.data
-        features, _, keys = extract(backbone, read_index(data.shards), transform, data.channels, data.mean, data.std,
-                                    device=self.device, return_keys=True, max_pixels=data.max_image_pixels)
+        features, _, keys = extract(backbone, read_index(data.shards), transform, data.normalization, device=self.device,
+                                    return_keys=True, max_pixels=data.max_image_pixels,
+                                    progress="training-set features" if self.rank == 0 else None)
         backbone.train(was_training)
         return features, keys
 
     # -- one step ------------------------------------------------------------------------
     def set_schedules(self) -> dict[str, float]:
-        optim, steps = self.config.optim, self.schedule
-        global_batch = optim.batch_size * self.world_size
-        # The method's scaling rule (vitrail.ssl.base.Method.lr_scaling): DINO's lr x batch / 256 by default.
-        batch_scale = {"linear_256": global_batch / 256, "sqrt_1024": math.sqrt(global_batch / 1024)}
-        peak_lr = optim.lr * batch_scale[self.method.lr_scaling]
-        warmup = int(optim.warmup_epochs * steps.steps_per_epoch)
-        lr = cosine(self.step, steps.total_steps, peak_lr, optim.min_lr, warmup_steps=warmup)
-        weight_decay = cosine(self.step, steps.total_steps, optim.weight_decay, optim.weight_decay_end)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_multiplier"]
-            if group["decay"]:
-                group["weight_decay"] = weight_decay
-        return {"lr": lr, "weight_decay": weight_decay}
+        global_batch = self.config.optim.batch_size * self.world_size
+        values = self.method.schedules(self.recipe, self.step, global_batch)
+        apply(self.optimizer, values["lr"], values["weight_decay"])
+        return values
 
     def train_step(self, model: nn.Module, batch: dict) -> dict[str, float]:
         logged = self.set_schedules()
-        views = self.views.to_device(batch, self.device, self.config.data.mean, self.config.data.std)
+        views = self.views.to_device(batch, self.device, self.config.data.normalization)
         with autocast(self.device, self.autocast):
-            loss, metrics = model(views, self.step)
+            loss, metrics = model(views, self.step)  # the method's training_step, through DDP's forward
         if not torch.isfinite(loss):
             raise VitrailError(
                 f"loss is {loss.item()} at step {self.step}: training stopped. The last checkpoint in "
@@ -140,12 +133,13 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.recipe.clip_grad > 0:
+            self.method.clip_gradients(self.recipe.clip_grad)
+        self.method.after_backward(self.step)
         if self.step < self.config.model.freeze_backbone_steps:
-            # Head warm-up: AdamW skips a parameter without a gradient (no update, no weight decay).
+            # Head warm-up: an optimizer skips a parameter without a gradient (no update, no weight decay).
             for parameter in self.method.backbone_pair()[0].parameters():
                 parameter.grad = None
-        if self.config.optim.clip_grad > 0:
-            self.method.clip_gradients(self.config.optim.clip_grad)
         self.optimizer.step()
         logged.update(self.method.after_step(self.step))
         self.step += 1
@@ -171,7 +165,7 @@ class Trainer:
             batch = next(iterator, None)
             if batch is None:
                 break
-            if self.step % self.schedule.steps_per_epoch == 0 and hasattr(self.method, "on_epoch_start"):
+            if self.step % self.schedule.steps_per_epoch == 0:
                 self.method.on_epoch_start(self.step // self.schedule.steps_per_epoch, self.training_set_features)
             metrics = self.train_step(model, batch)
             images += len(batch["label"]) * self.world_size

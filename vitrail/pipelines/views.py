@@ -22,6 +22,16 @@ import torch.nn.functional as F
 from vitrail.pipelines.augment import Augment, _uniform, channels_last, render, sample_generator, uniform_stream
 
 
+@dataclass
+class Views:
+    """What every view recipe's `to_device` gives a method: normalised float crops on the
+    training device, each (n, C, H, W), and the extras some recipes make with them."""
+
+    crops: list[torch.Tensor]  # multi-crop: global crops, then local; single crop: one; rotations: (4B, ...) one
+    key_ids: torch.Tensor | None = None  # (B,) int64 sample ids (`key_ids`), for per-sample state (DeepCluster)
+    labels: torch.Tensor | None = None   # (n,) int64 targets of crops[0] made with the views (RotNet's rotations)
+
+
 @dataclass(frozen=True)
 class MultiCrop:
     """DINO's multi-crop (Caron et al. 2021, Sec. 3.1 and App.): 2 global crops of
@@ -61,21 +71,42 @@ class MultiCrop:
             columns[column] = views.view(len(images), len(augments), *views.shape[1:]).numpy()
         return columns
 
-    def to_device(self, batch: dict, device, mean, std) -> list[torch.Tensor]:
-        """The views as the method expects them: [global_0, global_1, local_0, ...], each (B, C, H, W) float."""
-        views = []
+    def to_device(self, batch: dict, device, normalization: Normalization) -> Views:
+        """Crops [global_0, global_1, local_0, ...], each (B, C, H, W) float."""
+        crops = []
         for column in ("global", "local"):
             if column in batch:
-                stacked = normalize(torch.as_tensor(batch[column]).to(device, non_blocking=True), mean, std)
-                views.extend(stacked.unbind(1))
-        return views
+                stacked = normalization(torch.as_tensor(batch[column]).to(device, non_blocking=True))
+                crops.extend(stacked.unbind(1))
+        return Views(crops)
 
 
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (..., C, H, W) -> float, scaled to [0, 1] and standardised per channel."""
-    mean = torch.tensor(mean, device=images.device).view(-1, 1, 1) * 255.0
-    std = torch.tensor(std, device=images.device).view(-1, 1, 1) * 255.0
-    return (images.float() - mean) / std
+@dataclass(frozen=True)
+class Normalization:
+    """How a data set's images are decoded (`channels`: 1 grayscale, 3 RGB) and standardised per
+    channel: (x / 255 - mean) / std (DINO's Normalize on torchvision's [0, 1] tensors)."""
+
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self):
+        if not len(self.mean) == len(self.std) == self.channels:
+            raise ValueError(f"{self.channels} channels need as many means and stds, got {self.mean} and {self.std}")
+
+    def _stats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self.mean, device=device).view(-1, 1, 1) * 255.0,
+                torch.tensor(self.std, device=device).view(-1, 1, 1) * 255.0)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., C, H, W) -> standardised float."""
+        mean, std = self._stats(images.device)
+        return (images.float() - mean) / std
+
+    def invert(self, images: torch.Tensor) -> torch.Tensor:
+        """Standardised float (..., C, H, W) -> uint8 (view grids)."""
+        mean, std = self._stats(images.device)
+        return (images.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -127,9 +158,10 @@ class SingleCrop:
         generators = [sample_generator(seed, epoch, key) for key in keys]
         return {"image": self.augment()(images, generators).numpy()}
 
-    def to_device(self, batch: dict, device, mean, std) -> dict[str, torch.Tensor]:
-        return {"images": normalize(torch.as_tensor(batch["image"]).to(device, non_blocking=True), mean, std),
-                "key_ids": torch.from_numpy(key_ids(batch["key"])).to(device)}
+    def to_device(self, batch: dict, device, normalization: Normalization) -> Views:
+        """One crop (B, C, S, S) float and the samples' key ids."""
+        return Views([normalization(torch.as_tensor(batch["image"]).to(device, non_blocking=True))],
+                     key_ids=torch.from_numpy(key_ids(batch["key"])).to(device))
 
 
 @dataclass(frozen=True)
@@ -138,11 +170,12 @@ class Rotations(SingleCrop):
     180 and 270 degrees, labelled 0-3. The rotations are made on the device, so only the
     unrotated uint8 crop crosses the object store."""
 
-    def to_device(self, batch: dict, device, mean, std) -> dict[str, torch.Tensor]:
-        images = normalize(torch.as_tensor(batch["image"]).to(device, non_blocking=True), mean, std)
+    def to_device(self, batch: dict, device, normalization: Normalization) -> Views:
+        """One crop (4B, C, S, S): every image rotated by 0, then 90, 180, 270 degrees; labels (4B,) 0-3."""
+        images = normalization(torch.as_tensor(batch["image"]).to(device, non_blocking=True))
         rotated = torch.cat([torch.rot90(images, quarter, dims=(-2, -1)) for quarter in range(4)])  # (4B, C, S, S)
         labels = torch.arange(4, device=device).repeat_interleave(len(images))
-        return {"images": rotated, "labels": labels}
+        return Views([rotated], labels=labels)
 
 
 @dataclass(frozen=True)

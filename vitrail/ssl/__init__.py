@@ -1,17 +1,7 @@
-"""Self-supervised methods, one file each. `build(config, ...)` makes the method named in
-`config.method.name`; every method has the same interface:
-
-    config.method.views()                 # the view recipe (vitrail.pipelines.views) it trains on
-    loss, metrics = method(views, step)   # one forward
-    method.after_step(step)               # after the optimizer step: EMA teacher, schedules
-    method.backbone_for_eval()            # the module whose frozen features are evaluated
-    method.parameter_groups(), method.clip_gradients(max_norm), method.lr_scaling
-                                          # the optimizer's view (vitrail.ssl.base.Method: DINO's by default)
-    student, teacher = method.backbone_pair()  # the trained backbone and its EMA copy (the same
-                                          # module for single-network methods): init_from, export
-
-and optionally `method.on_epoch_start(epoch, training_set_features)`, which the training loop
-calls before each epoch's first step (DeepCluster re-clusters the whole training set there).
+"""Self-supervised methods, one file each, and the registry `METHODS` (name -> (config, method)).
+Every method implements the contract of `vitrail.ssl.base.Method`, which is all the trainer calls;
+its config section declares the view recipe (`views()`) and the paper's optimizer
+(`paper_optimizer`, `paper_drop_path_rate`), which `optim.*` and `model.drop_path_rate` override.
 """
 
 from __future__ import annotations
@@ -19,13 +9,13 @@ from __future__ import annotations
 from typing import Annotated, Union
 
 from pydantic import Field
-from torch import nn
 
 from vitrail.ssl.byol import BYOL, BYOLConfig
 from vitrail.ssl.deepcluster import DeepCluster, DeepClusterConfig
 from vitrail.ssl.dino import DINO, DINOConfig
 from vitrail.ssl.dinov2 import DINOv2, DINOv2Config
 from vitrail.ssl.ibot import IBOT, IBOTConfig
+from vitrail.ssl.base import Method
 from vitrail.ssl.rotnet import RotNet, RotNetConfig
 
 METHODS = {
@@ -47,10 +37,10 @@ def names() -> list[str]:
 
 def trained_crop_size(method_config) -> int:
     """The image size a method's backbone trained at: DINO/iBOT's global crops, the others' single crop."""
-    return getattr(method_config, "global_crop_size", None) or method_config.crop_size
+    return method_config.trained_crop_size
 
 
-def build(config, steps_per_epoch: int, total_steps: int) -> nn.Module:
+def build(config, steps_per_epoch: int, total_steps: int) -> Method:
     _, method = METHODS[config.method.name]
     backbone_kwargs = {"in_chans": config.data.channels, **config.model.kwargs, "compiled": config.run.compile}
     return method(config.method, config.model.backbone, backbone_kwargs, steps_per_epoch,

@@ -10,7 +10,7 @@ from collapsing without negative pairs. The online backbone is the one kept (Sec
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vitrail import backbones
-from vitrail.pipelines.views import MultiCrop
+from vitrail.pipelines.views import MultiCrop, Views
 from vitrail.ssl.base import Method
 from vitrail.ssl.ema import update_teacher
+from vitrail.ssl.optim import OptimizerRecipe
 from vitrail.ssl.schedules import cosine
 
 
@@ -28,6 +29,13 @@ class BYOLConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["byol"] = "byol"
+    # App. C: LARS (momentum 0.9, trust coefficient 1e-3, official optimizers.py), lr 0.2 x batch/256
+    # with 10 warm-up epochs and a cosine decay to 0, weight decay 1.5e-6; biases and BatchNorm
+    # parameters have neither weight decay nor LARS adaptation (Method.parameter_groups). No clipping.
+    paper_optimizer: ClassVar[OptimizerRecipe] = OptimizerRecipe(
+        name="lars", lr=0.2, lr_scaling="linear_256", warmup_epochs=10, min_lr=0.0,
+        weight_decay=1.5e-6, weight_decay_end=1.5e-6, clip_grad=0.0, momentum=0.9, trust_coefficient=1e-3)
+    paper_drop_path_rate: ClassVar[float] = 0.0  # ResNet-50: no stochastic depth
     # Projector and predictor (Sec. 3.3): Linear 4096, BN, ReLU, Linear 256.
     hidden_dim: int = Field(4096, ge=1)
     projection_dim: int = Field(256, ge=1)
@@ -39,6 +47,10 @@ class BYOLConfig(BaseModel):
     crop_size: int = Field(224, ge=1)
     crop_scale: tuple[float, float] = (0.08, 1.0)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    @property
+    def trained_crop_size(self) -> int:
+        return self.crop_size
 
     def views(self) -> MultiCrop:
         # DINO adopted BYOL's asymmetric pair for its two global crops, so that recipe without
@@ -58,13 +70,11 @@ def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 class BYOL(Method):
-    """Online and EMA target networks; `loss, metrics = byol([view_1, view_2], step)`."""
+    """Online and EMA target networks, trained on two views of each image."""
 
     def __init__(self, config: BYOLConfig, backbone: str, backbone_kwargs: dict,
-                 steps_per_epoch: int, total_steps: int, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.config = config
-        self.total_steps = total_steps
+                 steps_per_epoch: int, total_steps: int, drop_path_rate: float):
+        super().__init__(config, steps_per_epoch, total_steps)
         trunk = backbones.create(backbone, **backbone_kwargs, drop_path_rate=drop_path_rate)
         self.online = nn.Sequential(trunk, mlp(trunk.embed_dim, config.hidden_dim, config.projection_dim))
         self.predictor = mlp(config.projection_dim, config.hidden_dim, config.projection_dim)
@@ -75,8 +85,8 @@ class BYOL(Method):
     def momentum(self, step: int) -> float:
         return cosine(step, self.total_steps, self.config.momentum_target, 1.0)
 
-    def forward(self, views: list[torch.Tensor], step: int):
-        both = torch.cat(views[:2])
+    def training_step(self, views: Views, step: int):
+        both = torch.cat(views.crops[:2])
         predictions = self.predictor(self.online(both)).chunk(2)
         with torch.no_grad():
             targets = self.target(both).chunk(2)

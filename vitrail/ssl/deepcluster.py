@@ -13,7 +13,7 @@ so a resumed run continues with the clusters it had.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -25,14 +25,21 @@ from torch import nn
 from vitrail import backbones
 from vitrail.errors import VitrailError
 from vitrail.eval.faiss_blas import faiss
-from vitrail.pipelines.views import EvalTransform, SingleCrop, key_ids, sample_generator
-from vitrail.ssl.base import Method
+from vitrail.pipelines.views import EvalTransform, SingleCrop, Views, key_ids, sample_generator
+from vitrail.ssl.base import FeaturesOf, Method
+from vitrail.ssl.optim import OptimizerRecipe
 
 
 class DeepClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["deepcluster"] = "deepcluster"
+    # Sec. 4 / official main.py: SGD, lr 0.05 (constant), momentum 0.9, weight decay 1e-5 on every
+    # parameter, batch 256; the classifier has its own SGD without momentum (its `optimizer_tl`).
+    paper_optimizer: ClassVar[OptimizerRecipe] = OptimizerRecipe(
+        name="sgd", lr=0.05, lr_scaling="none", warmup_epochs=0, lr_schedule="steps",
+        weight_decay=1e-5, weight_decay_end=1e-5, clip_grad=0.0, momentum=0.9, nesterov=False)
+    paper_drop_path_rate: ClassVar[float] = 0.0  # AlexNet / VGG-16: no stochastic depth
     # Clustering (Sec. 3.2 and 4, official main.py / clustering.py): k = 10000 on ImageNet;
     # PCA to 256 whitened dimensions, l2-normalised; FAISS k-means, 20 iterations.
     num_clusters: int = Field(10000, ge=2)
@@ -41,6 +48,10 @@ class DeepClusterConfig(BaseModel):
     # Augmentation (Sec. 4): random resized 224 crops and horizontal flips.
     crop_size: int = Field(224, ge=1)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    @property
+    def trained_crop_size(self) -> int:
+        return self.crop_size
 
     def views(self) -> SingleCrop:
         return SingleCrop(self.crop_size, self.crop_scale)
@@ -88,13 +99,13 @@ class DeepCluster(Method):
     Uniform sampling over clusters (Sec. 3.3), which keeps a few large clusters from dominating,
     has a streaming equivalent: each sample's cross-entropy is weighted by the inverse of its
     cluster's size, normalised over the batch. The classifier is re-initialised in place at each
-    clustering; the optimizer's moments for it carry over (the paper rebuilds its optimizer).
+    clustering; under the paper's SGD it has no momentum, so nothing of the old one carries over
+    (under AdamW, a demo's choice, its moments do).
     """
 
     def __init__(self, config: DeepClusterConfig, backbone: str, backbone_kwargs: dict,
-                 steps_per_epoch: int, total_steps: int, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.config = config
+                 steps_per_epoch: int, total_steps: int, drop_path_rate: float):
+        super().__init__(config, steps_per_epoch, total_steps)
         self.backbone = backbones.create(backbone, **backbone_kwargs,
                                          drop_path_rate=drop_path_rate)
         self.classifier = nn.Linear(self.backbone.embed_dim, config.num_clusters)
@@ -137,8 +148,8 @@ class DeepCluster(Method):
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
-    def on_epoch_start(self, epoch: int, training_set_features) -> None:
-        features, keys = training_set_features(self.backbone, self.config.eval_transform())
+    def on_epoch_start(self, epoch: int, features_of: FeaturesOf) -> None:
+        features, keys = features_of(self.backbone, self.config.eval_transform())
         self.assign(features, keys, epoch)
 
     def pseudo_labels(self, ids: torch.Tensor) -> torch.Tensor:
@@ -149,9 +160,9 @@ class DeepCluster(Method):
             raise VitrailError("a training sample was not in the last clustering; did data.shards change mid-run?")
         return self.assigned_clusters[position]
 
-    def forward(self, views: dict[str, torch.Tensor], step: int):
-        labels = self.pseudo_labels(views["key_ids"])
-        logits = self.classifier(self.backbone(views["images"])).float()
+    def training_step(self, views: Views, step: int):
+        labels = self.pseudo_labels(views.key_ids)
+        logits = self.classifier(self.backbone(views.crops[0])).float()
         inverse_sizes = torch.where(self.cluster_sizes > 0, 1.0 / self.cluster_sizes.clamp(min=1), 0.0)
         loss = F.cross_entropy(logits, labels, weight=inverse_sizes.float())
         nonempty = self.cluster_sizes[self.cluster_sizes > 0]
@@ -164,6 +175,13 @@ class DeepCluster(Method):
             "clusters/nmi_previous": self.nmi_previous,
             "clusters/kmeans_objective": self.kmeans_objective,
         }
+
+    def parameter_groups(self) -> list[dict]:
+        """The official code's two SGDs: the backbone's with momentum, the classifier's without;
+        weight decay on every parameter, biases and BatchNorm included."""
+        backbone = [parameter for parameter in self.backbone.parameters() if parameter.requires_grad]
+        return [{"params": backbone, "decay": True, "lr_multiplier": 1.0},
+                {"params": list(self.classifier.parameters()), "decay": True, "lr_multiplier": 1.0, "momentum": 0.0}]
 
     def after_step(self, step: int) -> dict[str, float]:
         return {}

@@ -9,7 +9,7 @@ temperature) the teacher's distribution. Defaults are the paper's ViT-S/16 recip
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -19,9 +19,11 @@ from torch import nn
 
 from vitrail import backbones
 from vitrail.pipelines.views import MultiCrop
-from vitrail.ssl.base import Method
-from vitrail.ssl.ema import update_teacher
+from vitrail.pipelines.views import Views
+from vitrail.ssl.base import Method, cancel_gradients
+from vitrail.ssl.ema import start_teacher, update_teacher
 from vitrail.ssl.heads import DINOHead
+from vitrail.ssl.optim import OptimizerRecipe
 from vitrail.ssl.schedules import cosine, linear_warmup
 
 
@@ -29,6 +31,13 @@ class DINOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["dino"] = "dino"
+    # Sec. 4 / App. (ViT-S/16 recipe, official main_dino.py): AdamW, lr 5e-4 x batch/256 with 10
+    # warm-up epochs and a cosine to 1e-6; weight decay cosine 0.04 -> 0.4; per-parameter gradient
+    # clipping at 3.0. Stochastic depth 0.1 in the student.
+    paper_optimizer: ClassVar[OptimizerRecipe] = OptimizerRecipe(
+        name="adamw", lr=5e-4, lr_scaling="linear_256", warmup_epochs=10, min_lr=1e-6,
+        weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0)
+    paper_drop_path_rate: ClassVar[float] = 0.1
     # Head (Sec. 3.1, App. C): 3-layer MLP, hidden 2048, bottleneck 256, K = 65536 prototypes.
     out_dim: int = Field(65536, ge=1)
     hidden_dim: int = Field(2048, ge=1)
@@ -53,6 +62,10 @@ class DINOConfig(BaseModel):
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
 
+    @property
+    def trained_crop_size(self) -> int:
+        return self.global_crop_size
+
     def views(self) -> MultiCrop:
         return MultiCrop(self.global_crop_size, self.local_crop_size, self.local_crops_number,
                          self.global_crops_scale, self.local_crops_scale, self.blur_sigma)
@@ -75,15 +88,33 @@ class DINOLoss(nn.Module):
         self.update_center(teacher_out)
         return loss
 
-    @torch.no_grad()
     def update_center(self, teacher_out: list[torch.Tensor]) -> None:
-        outputs = torch.cat([t.detach().float() for t in teacher_out])
-        batch_sum = outputs.sum(dim=0, keepdim=True)
-        count = torch.tensor(float(outputs.shape[0]), device=outputs.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_sum)
-            dist.all_reduce(count)
-        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+        update_centre(self.center, teacher_out, self.center_momentum)
+
+
+class Centre(nn.Module):
+    """A centre (1, K) of teacher outputs on its own, with Eq. 4's update (DINOv2's two)."""
+
+    def __init__(self, out_dim: int, momentum: float = 0.9):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def update(self, teacher_out: list[torch.Tensor]) -> None:
+        update_centre(self.center, teacher_out, self.momentum)
+
+
+@torch.no_grad()
+def update_centre(center: torch.Tensor, teacher_out: list[torch.Tensor], momentum: float) -> None:
+    """Eq. 4: center (1, K) <- momentum center + (1 - momentum) mean of the teacher outputs (n, K)
+    of every view, the mean taken over every worker's batch."""
+    outputs = torch.cat([t.detach().float() for t in teacher_out])
+    batch_sum = outputs.sum(dim=0, keepdim=True)
+    count = torch.tensor(float(outputs.shape[0]), device=outputs.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch_sum)
+        dist.all_reduce(count)
+    center.mul_(momentum).add_(batch_sum / count, alpha=1 - momentum)
 
 
 def multi_view_cross_entropy(student_out: list[torch.Tensor], teacher_probs: list[torch.Tensor],
@@ -117,7 +148,7 @@ class _Network(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor], freeze_last_layer: bool = False) -> list[torch.Tensor]:
+    def forward(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
         features, start = [], 0
         while start < len(crops):
             end = start
@@ -125,29 +156,21 @@ class _Network(nn.Module):
                 end += 1
             features.append(self.backbone(torch.cat(crops[start:end])))
             start = end
-        logits = self.head(torch.cat(features), freeze_last_layer)
-        return list(logits.chunk(len(crops)))
+        return list(self.head(torch.cat(features)).chunk(len(crops)))
 
 
 class DINO(Method):
-    """Student and EMA teacher; `loss, metrics = dino(views, step)`, views as `config.views()` makes them."""
+    """Student and EMA teacher, each backbone + DINO head; views as `config.views()` makes them."""
 
     def __init__(self, config: DINOConfig, backbone: str, backbone_kwargs: dict,
-                 steps_per_epoch: int, total_steps: int, drop_path_rate: float = 0.1):
-        super().__init__()
-        self.config = config
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = total_steps
+                 steps_per_epoch: int, total_steps: int, drop_path_rate: float):
+        super().__init__(config, steps_per_epoch, total_steps)
         self.student = self.network(backbone, backbone_kwargs, drop_path_rate)
         # The teacher has no stochastic depth (official main_dino.py) and starts as the student.
-        self.teacher = self.network(backbone, backbone_kwargs, 0.0)
-        self.teacher.load_state_dict(self.student.state_dict())
-        for parameter in self.teacher.parameters():
-            parameter.requires_grad = False
+        self.teacher = start_teacher(self.student, self.network(backbone, backbone_kwargs, 0.0))
         self.loss = DINOLoss(config.out_dim, config.student_temp, config.center_momentum)
 
-    def network(self, backbone: str, backbone_kwargs: dict, drop_path: float) -> nn.Module:
-        """Backbone + head; a subclass (iBOT) builds its own pair here."""
+    def network(self, backbone: str, backbone_kwargs: dict, drop_path: float) -> _Network:
         config = self.config
         trunk = backbones.create(backbone, **backbone_kwargs, drop_path_rate=drop_path)
         head = DINOHead(trunk.embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
@@ -161,11 +184,10 @@ class DINO(Method):
     def momentum(self, step: int) -> float:
         return cosine(step, self.total_steps, self.config.momentum_teacher, 1.0)
 
-    def forward(self, views: list[torch.Tensor], step: int):
-        freeze_last_layer = step < self.config.freeze_last_layer_epochs * self.steps_per_epoch
+    def training_step(self, views: Views, step: int):
         with torch.no_grad():
-            teacher_out = self.teacher(views[:2])
-        student_out = self.student(views, freeze_last_layer)
+            teacher_out = self.teacher(views.crops[:2])
+        student_out = self.student(views.crops)
         teacher_temp = self.teacher_temp(step)
         with torch.no_grad():
             entropy = teacher_entropy(teacher_out[0], self.loss.center, teacher_temp)
@@ -176,6 +198,12 @@ class DINO(Method):
             "center_norm": self.loss.center.norm(),
             "teacher_temp": teacher_temp,
         }
+
+    def after_backward(self, step: int) -> None:
+        # The last layer learns nothing in the first epoch(s) (Sec. 3.1, App.; official
+        # cancel_gradients_last_layer): weight_g and weight_v keep their initial values.
+        if step < self.config.freeze_last_layer_epochs * self.steps_per_epoch:
+            cancel_gradients(self.student.head.last_layers())
 
     def after_step(self, step: int) -> dict[str, float]:
         momentum = self.momentum(step)

@@ -25,15 +25,26 @@ from vitrail import backbones
 from vitrail.backbones.dinov2 import VARIANTS as DINOV2_BACKBONES
 from vitrail.errors import VitrailError
 from vitrail.pipelines.augment import _uniform
-from vitrail.pipelines.views import blocks_mask, sample_generator
-from vitrail.ssl.dino import DINO, DINOConfig, DINOLoss, multi_view_cross_entropy
+from vitrail.pipelines.views import Views, blocks_mask, sample_generator
+from vitrail.ssl.base import Method, cancel_gradients
+from vitrail.ssl.dino import Centre, DINOConfig, multi_view_cross_entropy
+from vitrail.ssl.ema import start_teacher, update_teacher
 from vitrail.ssl.heads import DINOHead
+from vitrail.ssl.optim import OptimizerRecipe
+from vitrail.ssl.schedules import cosine, linear_warmup
 
 
 class DINOv2Config(DINOConfig):
     """DINO's settings with DINOv2's values (ssl_default_config.yaml), plus its own."""
 
     name: Literal["dinov2"] = "dinov2"
+    # optim (ssl_default_config.yaml): AdamW (betas 0.9, 0.999), base_lr 0.004 x sqrt(batch / 1024)
+    # (scaling_rule sqrt_wrt_1024), 10 warm-up epochs, cosine to 1e-6; weight decay cosine 0.04 ->
+    # 0.4; clip_grad 3.0 (by module norm); student.drop_path_rate 0.3.
+    paper_optimizer: ClassVar[OptimizerRecipe] = OptimizerRecipe(
+        name="adamw", lr=4e-3, lr_scaling="sqrt_1024", warmup_epochs=10, min_lr=1e-6,
+        weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0)
+    paper_drop_path_rate: ClassVar[float] = 0.3
     # dino: 65536 prototypes, bottleneck 256, 3 layers, hidden 2048 (DINOConfig's); the official head's
     # weight-normalised last layer starts at norm 1 and trains (DINOHead, no norm_last_layer).
     norm_last_layer: bool = False
@@ -147,31 +158,32 @@ def lr_layer(name: str, depth: int) -> int:
     return depth + 1
 
 
-class DINOv2(DINO):
+class DINOv2(Method):
     """Student and EMA teacher, each `backbone`, `dino_head` and (separate_head) `ibot_head` as the
-    official SSLMetaArch; `loss, metrics = dinov2(views, step)`, views as `config.views()` makes them."""
-
-    lr_scaling: ClassVar[str] = "sqrt_1024"  # official optim.scaling_rule: sqrt_wrt_1024
+    official SSLMetaArch; views as `config.views()` makes them."""
 
     def __init__(self, config: DINOv2Config, backbone: str, backbone_kwargs: dict,
-                 steps_per_epoch: int, total_steps: int, drop_path_rate: float = 0.3):
+                 steps_per_epoch: int, total_steps: int, drop_path_rate: float):
+        super().__init__(config, steps_per_epoch, total_steps)
         if backbone not in DINOV2_BACKBONES:
             raise VitrailError(f"model.backbone={backbone!r}: DINOv2 trains the DINOv2 ViTs, one of "
                                f"{', '.join(DINOV2_BACKBONES)}")
-        super().__init__(config, backbone, backbone_kwargs, steps_per_epoch, total_steps, drop_path_rate)
+        self.student = self.network(backbone, backbone_kwargs, drop_path_rate)
+        # The teacher has no stochastic depth and starts as the student (official ssl_meta_arch.py).
+        self.teacher = start_teacher(self.student, self.network(backbone, backbone_kwargs, 0.0))
         patch = self.student.backbone.patch_size
         if config.global_crop_size % patch:
             raise VitrailError(f"method.global_crop_size={config.global_crop_size} must be a multiple of the "
                                f"backbone's {patch}-pixel patches, so that masks cover whole patches")
         self.mask_grid = config.global_crop_size // patch
-        # self.loss (DINO's) holds the CLS centre; the masked patches' centre is a second one.
-        self.patch_center = DINOLoss(config.ibot_out_dim if config.separate_head else config.out_dim,
-                                     config.student_temp, config.center_momentum)
+        # The CLS and the masked patches' targets each have their own centre (centering: "centering").
+        self.cls_center = Centre(config.out_dim, config.center_momentum)
+        self.patch_center = Centre(config.ibot_out_dim if config.separate_head else config.out_dim, config.center_momentum)
         self.koleo = KoLeoLoss()
         # Masks are drawn from (mask_seed, step, rank), so a resumed run draws the same ones.
         self.register_buffer("mask_seed", torch.randint(0, 2**62, ()))
 
-    def network(self, backbone: str, backbone_kwargs: dict, drop_path: float) -> nn.Module:
+    def network(self, backbone: str, backbone_kwargs: dict, drop_path: float) -> nn.ModuleDict:
         config = self.config
         parts = {"backbone": backbones.create(backbone, **backbone_kwargs, drop_path_rate=drop_path)}
         width = parts["backbone"].embed_dim
@@ -182,9 +194,12 @@ class DINOv2(DINO):
                                           config.ibot_head_layers, norm_last_layer=config.norm_last_layer)
         return nn.ModuleDict(parts)
 
-    @staticmethod
-    def patch_head(network: nn.ModuleDict) -> nn.Module:
-        return network["ibot_head"] if "ibot_head" in network else network["dino_head"]
+    def patch_head(self, network: nn.ModuleDict) -> nn.Module:
+        return network["ibot_head"] if self.config.separate_head else network["dino_head"]
+
+    def teacher_temp(self, step: int) -> float:
+        warmup_steps = int(self.config.warmup_teacher_temp_epochs * self.steps_per_epoch)
+        return linear_warmup(step, warmup_steps, self.config.warmup_teacher_temp, self.config.teacher_temp)
 
     # -- optimizer (official utils/param_groups.py and train/train.py) ----------------------------
     def parameter_groups(self) -> list[dict]:
@@ -229,44 +244,42 @@ class DINOv2(DINO):
         masks += [torch.zeros(grid, grid, dtype=torch.bool)] * (count - masked)
         return torch.stack(masks)[torch.randperm(count, generator=generator)].flatten(1)
 
-    def targets(self, logits: torch.Tensor, temperature: float, centre: DINOLoss) -> torch.Tensor:
+    def targets(self, logits: torch.Tensor, temperature: float, centre: Centre) -> torch.Tensor:
         """Teacher targets (n, K) from logits (n, K): Sinkhorn-Knopp, or the softmax of the logits
         minus `centre`'s EMA, which is then updated with them."""
         if self.config.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(logits, temperature)
         probs = F.softmax((logits.float() - centre.center) / temperature, dim=-1)
-        centre.update_center([logits])
+        centre.update([logits])
         return probs
 
     def patch_loss(self, student_patches: torch.Tensor, teacher_patches: torch.Tensor, masks: torch.Tensor,
-                   temperature: float, freeze_last_layer: bool = False) -> torch.Tensor:
+                   temperature: float) -> torch.Tensor:
         """iBOT term from backbone patch tokens (n, N, D) of the student (masked crops) and the
         teacher (unmasked crops): both heads run on the masked positions only."""
         with torch.no_grad():
             targets = self.targets(self.patch_head(self.teacher)(teacher_patches[masks]), temperature, self.patch_center)
-        student = self.patch_head(self.student)(student_patches[masks], freeze_last_layer)
+        student = self.patch_head(self.student)(student_patches[masks])
         return masked_patch_loss(student, targets, masks, self.config.student_temp)
 
-    def forward(self, views: list[torch.Tensor], step: int):
+    def training_step(self, views: Views, step: int):
         config = self.config
-        freeze_last_layer = step < config.freeze_last_layer_epochs * self.steps_per_epoch
-        global_crops, local_crops = torch.cat(views[:2]), views[2:]  # (2B, C, G, G): crop 0 of every image, then crop 1
+        global_crops, local_crops = torch.cat(views.crops[:2]), views.crops[2:]  # (2B, C, G, G): crop 0 of every image, then crop 1
         masks = self.draw_masks(len(global_crops), step).to(global_crops.device)  # (2B, N)
         temperature = self.teacher_temp(step)
         with torch.no_grad():
             teacher = self.teacher.backbone.forward_features(global_crops)
-            cls_targets = self.targets(self.teacher.dino_head(teacher["cls"]), temperature, self.loss)  # (2B, K)
+            cls_targets = self.targets(self.teacher.dino_head(teacher["cls"]), temperature, self.cls_center)  # (2B, K)
         student = self.student.backbone.forward_features(global_crops, masks)
-        student_cls = [self.student.dino_head(student["cls"], freeze_last_layer)]
+        student_cls = [self.student.dino_head(student["cls"])]
         if local_crops:
-            local_cls = self.student.backbone(torch.cat(local_crops))
-            student_cls.append(self.student.dino_head(local_cls, freeze_last_layer))
+            student_cls.append(self.student.dino_head(self.student.backbone(torch.cat(local_crops))))
         # Every (teacher global crop, other student crop) pair, as the official global + local DINO terms.
         dino_loss = multi_view_cross_entropy(list(torch.cat(student_cls).chunk(2 + len(local_crops))),
                                              list(cls_targets.chunk(2)), config.student_temp)
         # KoLeo within each global crop's batch, never between two crops of one image; the two summed.
         koleo_loss = sum(self.koleo(cls) for cls in student["cls"].chunk(2))
-        ibot_loss = self.patch_loss(student["patches"], teacher["patches"], masks, temperature, freeze_last_layer)
+        ibot_loss = self.patch_loss(student["patches"], teacher["patches"], masks, temperature)
         loss = (config.dino_loss_weight * dino_loss + config.koleo_loss_weight * koleo_loss
                 + config.ibot_loss_weight * ibot_loss)
         return loss, {
@@ -274,3 +287,21 @@ class DINOv2(DINO):
             "loss_ibot": ibot_loss.detach(), "teacher_temp": temperature, "mask_ratio": masks.float().mean(),
             "teacher_entropy": -(cls_targets * cls_targets.clamp_min(1e-12).log()).sum(-1).mean(),
         }
+
+    def after_backward(self, step: int) -> None:
+        # freeze_last_layer_epochs: the official code sets the last layers' learning rate to 0 for
+        # those epochs; vitrail cancels their gradients as DINO does, so AdamW leaves them and their
+        # moments untouched (the official moments keep accumulating the frozen layers' gradients).
+        if step < self.config.freeze_last_layer_epochs * self.steps_per_epoch:
+            cancel_gradients([head.last_layer for name, head in self.student.items() if name != "backbone"])
+
+    def after_step(self, step: int) -> dict[str, float]:
+        momentum = cosine(step, self.total_steps, self.config.momentum_teacher, 1.0)
+        update_teacher(self.student, self.teacher, momentum)
+        return {"momentum": momentum}
+
+    def backbone_for_eval(self) -> nn.Module:
+        return self.teacher.backbone
+
+    def backbone_pair(self) -> tuple[nn.Module, nn.Module]:
+        return self.student.backbone, self.teacher.backbone

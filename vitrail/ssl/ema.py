@@ -13,3 +13,12 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     student_params = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+def start_teacher(student: nn.Module, teacher: nn.Module) -> nn.Module:
+    """`teacher` (the same network as `student`, built without stochastic depth) set to the
+    student's weights and out of the gradient: how DINO, iBOT and DINOv2 start theirs."""
+    teacher.load_state_dict(student.state_dict())
+    for parameter in teacher.parameters():
+        parameter.requires_grad = False
+    return teacher

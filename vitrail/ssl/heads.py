@@ -20,19 +20,15 @@ class WeightNormLinear(nn.Module):
         nn.init.trunc_normal_(self.weight_v, std=0.02)
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_norm)
 
-    def forward(self, x, frozen: bool = False):
-        # Frozen: no gradient reaches g or v, as DINO's cancel_gradients_last_layer drops every
-        # `last_layer` gradient and DINOv2 zeroes the last layer's learning rate.
-        weight_g, weight_v = (self.weight_g.detach(), self.weight_v.detach()) if frozen else (self.weight_g, self.weight_v)
-        weight = weight_g * weight_v / weight_v.norm(dim=1, keepdim=True)
-        return F.linear(x, weight)
+    def forward(self, x):
+        return F.linear(x, self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True))
 
 
 class DINOHead(nn.Module):
     """DINO's projection head (Caron et al. 2021, Sec. 3.1 and App. C): a `num_layers` MLP
     (hidden 2048, GELU) to a 256-d bottleneck, l2-normalisation, then a weight-normalised
-    linear layer to `out_dim` prototypes. `forward(x, freeze_last_layer)` keeps the last
-    layer's weights out of the gradient, as the paper does for the first epoch.
+    linear layer to `out_dim` prototypes. The methods keep `last_layer` frozen for the first
+    epoch by cancelling its gradients after backward (`Method.after_backward`).
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -53,10 +49,13 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(module.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_norm=norm_last_layer)
 
-    def forward(self, x, freeze_last_layer: bool = False):
+    def forward(self, x):
         # The l2-normalisation in float32, as CUDA autocast runs `norm` (CPU autocast would keep bf16).
-        x = F.normalize(self.mlp(x).float(), dim=-1, p=2)
-        return self.last_layer(x, frozen=freeze_last_layer)
+        return self.last_layer(F.normalize(self.mlp(x).float(), dim=-1, p=2))
+
+    def last_layers(self) -> list[nn.Module]:
+        """The weight-normalised layers frozen in the first epoch."""
+        return [self.last_layer]
 
 
 class IBOTHead(DINOHead):
@@ -70,8 +69,11 @@ class IBOTHead(DINOHead):
         super().__init__(in_dim, out_dim, hidden_dim, bottleneck_dim, num_layers, False, norm_last_layer)
         self.patch_last_layer = None if shared_head else WeightNormLinear(bottleneck_dim, patch_out_dim, norm_last_layer)
 
-    def forward_tokens(self, cls: torch.Tensor, patches: torch.Tensor, freeze_last_layer: bool = False):
+    def forward_tokens(self, cls: torch.Tensor, patches: torch.Tensor):
         """cls (B, D), patches (B, N, D) -> (B, out_dim), (B, N, patch_out_dim)."""
         patches = F.normalize(self.mlp(patches).float(), dim=-1, p=2)
         last_layer = self.patch_last_layer or self.last_layer
-        return self(cls, freeze_last_layer), last_layer(patches, frozen=freeze_last_layer)
+        return self(cls), last_layer(patches)
+
+    def last_layers(self) -> list[nn.Module]:
+        return [self.last_layer] + ([self.patch_last_layer] if self.patch_last_layer is not None else [])

@@ -11,8 +11,7 @@ README: `--shared_head true --norm_last_layer false --out_dim 8192 --pred_ratio 
 
 from __future__ import annotations
 
-import inspect
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -21,18 +20,23 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vitrail import backbones
-from vitrail.backbones.swin import SwinTransformer
 from vitrail.errors import VitrailError
-from vitrail.pipelines.views import BlockMasking, sample_generator
-from vitrail.ssl.dino import DINO, DINOConfig, DINOLoss, teacher_entropy
+from vitrail.pipelines.views import BlockMasking, Views, sample_generator
+from vitrail.ssl.base import Method, cancel_gradients
+from vitrail.ssl.dino import DINOConfig, DINOLoss, teacher_entropy, update_centre
+from vitrail.ssl.ema import start_teacher, update_teacher
 from vitrail.ssl.heads import IBOTHead
-from vitrail.ssl.schedules import linear_warmup
+from vitrail.ssl.optim import OptimizerRecipe
+from vitrail.ssl.schedules import cosine, linear_warmup
 
 
 class IBOTConfig(DINOConfig):
     """DINO's settings (temperatures, centre, EMA, multi-crop) with iBOT's values, plus its own."""
 
     name: Literal["ibot"] = "ibot"
+    # App. A / official main_ibot.py (ViT-S/16): DINO's optimizer (AdamW, lr 5e-4 x batch/256, 10
+    # warm-up epochs, cosine to 1e-6, weight decay 0.04 -> 0.4, clip 3.0) and stochastic depth 0.1.
+    paper_optimizer: ClassVar[OptimizerRecipe] = DINOConfig.paper_optimizer
     out_dim: int = Field(8192, ge=1)
     norm_last_layer: bool = False
     global_crops_scale: tuple[float, float] = (0.25, 1.0)
@@ -68,12 +72,18 @@ class IBOTConfig(DINOConfig):
         return BlockMasking(self.mask_ratios, self.mask_ratio_vars, self.mask_aspect)
 
 
-class MaskedPatchLoss(DINOLoss):
+class MaskedPatchLoss(nn.Module):
     """Masked image modelling as self-distillation (Eq. 2): for each global view, the
     cross-entropy between the teacher's centred, sharpened patch distribution (unmasked view)
     and the student's (masked view), summed over masked positions and divided by their count
     per image, then averaged over images (an unmasked image counts 0) and over views. The
     centre is an EMA of the teacher's per-image mean patch output."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_patches: list[torch.Tensor], teacher_patches: list[torch.Tensor],
                 masks: list[torch.Tensor], teacher_temp: float):
@@ -84,14 +94,8 @@ class MaskedPatchLoss(DINOLoss):
             per_patch = torch.sum(-q * F.log_softmax(student.float() / self.student_temp, dim=-1), dim=-1)  # (B, N)
             mask = mask.float()
             total = total + (torch.sum(per_patch * mask, dim=-1) / mask.sum(dim=-1).clamp(min=1.0)).mean()
-        self.update_center([t.mean(dim=1) for t in teacher_patches])
+        update_centre(self.center, [t.mean(dim=1) for t in teacher_patches], self.center_momentum)
         return total / len(student_patches)
-
-
-def token_stride(backbone: nn.Module) -> int:
-    """Input pixels per side of one output patch token: the patch size, doubled by each Swin merge."""
-    merges = len(backbone.layers) - 1 if isinstance(backbone, SwinTransformer) else 0
-    return backbone.patch_size * 2**merges
 
 
 class _MaskedNetwork(nn.Module):
@@ -103,26 +107,28 @@ class _MaskedNetwork(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, global_crops: torch.Tensor, masks, local_crops: list[torch.Tensor], freeze_last_layer=False):
+    def forward(self, global_crops: torch.Tensor, masks, local_crops: list[torch.Tensor]):
         """global_crops (V*B, C, G, G), masks (V*B, N) over the backbone's patch-embedding grid or None."""
         tokens = self.backbone.forward_features(global_crops, masks)
-        cls, patches = self.head.forward_tokens(tokens["cls"], tokens["patches"], freeze_last_layer)
+        cls, patches = self.head.forward_tokens(tokens["cls"], tokens["patches"])
         if local_crops:
-            cls = torch.cat([cls, self.head(self.backbone(torch.cat(local_crops)), freeze_last_layer)])
+            cls = torch.cat([cls, self.head(self.backbone(torch.cat(local_crops)))])
         return cls, patches
 
 
-class IBOT(DINO):
-    """Student and EMA teacher with masked patch distillation; `loss, metrics = ibot(views, step)`,
-    views as `config.views()` makes them (two global crops first). Works with ViT and Swin."""
+class IBOT(Method):
+    """Student and EMA teacher with masked patch distillation; views as `config.views()` makes
+    them (two global crops first). Trains any backbone that can mask patches (ViT, Swin)."""
 
     def __init__(self, config: IBOTConfig, backbone: str, backbone_kwargs: dict,
-                 steps_per_epoch: int, total_steps: int, drop_path_rate: float = 0.1):
-        if "mask_token" not in inspect.signature(backbones._REGISTRY[backbone][0]).parameters:
+                 steps_per_epoch: int, total_steps: int, drop_path_rate: float):
+        super().__init__(config, steps_per_epoch, total_steps)
+        if not backbones.supports_masking(backbone):
             raise VitrailError(f"iBOT needs a token backbone with a mask token (ViT or Swin), not {backbone!r}")
-        super().__init__(config, backbone, {**backbone_kwargs, "mask_token": True}, steps_per_epoch, total_steps,
-                         drop_path_rate)
-        stride = token_stride(self.student.backbone)
+        self.student = self.network(backbone, backbone_kwargs, drop_path_rate)
+        # The teacher has no stochastic depth (official main_ibot.py) and starts as the student.
+        self.teacher = start_teacher(self.student, self.network(backbone, backbone_kwargs, 0.0))
+        stride = self.student.backbone.token_stride
         if config.global_crop_size % stride:
             raise VitrailError(f"method.global_crop_size={config.global_crop_size} must be a multiple of the "
                                f"backbone's {stride}-pixel output patches, so that masks cover whole patches")
@@ -130,16 +136,21 @@ class IBOT(DINO):
         # Each output patch spans (upsample x upsample) patch embeddings (1 for ViT, 2^merges for Swin).
         self.mask_upsample = stride // self.student.backbone.patch_size
         self.masking = config.masking()
+        self.loss = DINOLoss(config.out_dim, config.student_temp, config.center_momentum)
         self.patch_loss = MaskedPatchLoss(config.patch_out_dim, config.student_temp, config.patch_center_momentum)
         # Masks are drawn from (mask_seed, step, rank), so a resumed run draws the same ones.
         self.register_buffer("mask_seed", torch.randint(0, 2**62, ()))
 
-    def network(self, backbone: str, backbone_kwargs: dict, drop_path: float) -> nn.Module:
+    def network(self, backbone: str, backbone_kwargs: dict, drop_path: float) -> _MaskedNetwork:
         config = self.config
-        trunk = backbones.create(backbone, **backbone_kwargs, drop_path_rate=drop_path)
+        trunk = backbones.create(backbone, **backbone_kwargs, mask_token=True, drop_path_rate=drop_path)
         head = IBOTHead(trunk.embed_dim, config.out_dim, config.patch_out_dim, config.shared_head, config.hidden_dim,
                         config.bottleneck_dim, config.head_layers, config.norm_last_layer)
         return _MaskedNetwork(trunk, head)
+
+    def teacher_temp(self, step: int) -> float:
+        warmup_steps = int(self.config.warmup_teacher_temp_epochs * self.steps_per_epoch)
+        return linear_warmup(step, warmup_steps, self.config.warmup_teacher_temp, self.config.teacher_temp)
 
     def patch_teacher_temp(self, step: int) -> float:
         warmup_steps = int(self.config.warmup_teacher_temp_epochs * self.steps_per_epoch)
@@ -151,16 +162,14 @@ class IBOT(DINO):
         generator = sample_generator(int(self.mask_seed), step, f"rank{rank}")
         return self.masking(count, self.mask_grid, self.mask_grid, generator)
 
-    def forward(self, views: list[torch.Tensor], step: int):
-        freeze_last_layer = step < self.config.freeze_last_layer_epochs * self.steps_per_epoch
-        global_crops, local_crops = views[:2], views[2:]
+    def training_step(self, views: Views, step: int):
+        global_crops, local_crops = views.crops[:2], views.crops[2:]
         batch = len(global_crops[0])
         masks = self.draw_masks(2 * batch, step).to(global_crops[0].device)  # (2B, g, g)
         embedding_masks = masks.repeat_interleave(self.mask_upsample, 1).repeat_interleave(self.mask_upsample, 2)
         with torch.no_grad():
             teacher_cls, teacher_patches = self.teacher(torch.cat(global_crops), None, [])
-        student_cls, student_patches = self.student(torch.cat(global_crops), embedding_masks.flatten(1), local_crops,
-                                                    freeze_last_layer)
+        student_cls, student_patches = self.student(torch.cat(global_crops), embedding_masks.flatten(1), local_crops)
         teacher_temp, patch_temp = self.teacher_temp(step), self.patch_teacher_temp(step)
         metrics = {"teacher_entropy": teacher_entropy(teacher_cls, self.loss.center, teacher_temp),
                    "patch_teacher_entropy": teacher_entropy(teacher_patches.flatten(0, 1), self.patch_loss.center, patch_temp)}
@@ -174,3 +183,19 @@ class IBOT(DINO):
             "teacher_temp": teacher_temp, "patch_teacher_temp": patch_temp, "mask_ratio": masks.float().mean(),
         }
 
+    def after_backward(self, step: int) -> None:
+        # As DINO (official main_ibot.py, cancel_gradients_last_layer): the CLS and patch last
+        # layers (weight_g and weight_v) learn nothing in the first epoch(s).
+        if step < self.config.freeze_last_layer_epochs * self.steps_per_epoch:
+            cancel_gradients(self.student.head.last_layers())
+
+    def after_step(self, step: int) -> dict[str, float]:
+        momentum = cosine(step, self.total_steps, self.config.momentum_teacher, 1.0)
+        update_teacher(self.student, self.teacher, momentum)
+        return {"momentum": momentum}
+
+    def backbone_for_eval(self) -> nn.Module:
+        return self.teacher.backbone
+
+    def backbone_pair(self) -> tuple[nn.Module, nn.Module]:
+        return self.student.backbone, self.teacher.backbone
