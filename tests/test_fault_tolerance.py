@@ -7,10 +7,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
-from vitrail.launch import checkpoints
+from vitrail import checkpoints
 from vitrail.launch.config import from_dict
 from vitrail.launch.train import pretrain
 
@@ -85,7 +86,7 @@ def test_driver_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     code = ("import json, sys; from vitrail.launch.config import from_dict; from vitrail.launch.local import pretrain; "
             "pretrain(from_dict(json.load(open(sys.argv[1]))), progress=False)")
     process = subprocess.Popen([sys.executable, "-c", code, str(config_path)])
-    folder = checkpoints.checkpoint_dir(run_dir)
+    folder = Path(checkpoints.checkpoint_dir(run_dir))
     try:
         # Wait until a checkpoint exists and the next one is being written, then kill -9.
         _wait_for(lambda: checkpoints.latest_step(run_dir) >= 2 and any(folder.glob(".*.tmp")), 300, "a checkpoint write")

@@ -3,7 +3,7 @@ because each Ray run costs seconds here."""
 
 import json
 
-from vitrail.launch import checkpoints
+from vitrail import checkpoints
 from vitrail.launch.config import from_dict
 from vitrail.launch.train import pretrain
 
