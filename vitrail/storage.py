@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -169,11 +168,6 @@ def one_line(error: BaseException) -> str:
 def exists(url: str | os.PathLike) -> bool:
     import pyarrow.fs as pafs
     return _info(url).type != pafs.FileType.NotFound
-
-
-def is_file(url: str | os.PathLike) -> bool:
-    import pyarrow.fs as pafs
-    return _info(url).type == pafs.FileType.File
 
 
 def is_dir(url: str | os.PathLike) -> bool:
@@ -338,7 +332,3 @@ def check_readable(url: str | os.PathLike, what: str) -> None:
         if _info(f"{scheme(url)}://{bucket}").type == pafs.FileType.NotFound:
             raise VitrailError(f"{what} {url}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
     _info(url)
-
-
-def scratch_dir(prefix: str) -> str:
-    return tempfile.mkdtemp(prefix=prefix)

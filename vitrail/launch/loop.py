@@ -174,6 +174,8 @@ class Trainer:
         bar = _progress(self.schedule.stop_step, self.step, enabled=progress and self.rank == 0)
         monitor = OnlineMonitor(self.config, self.device, report, self.schedule.stop_step) if report is not None and self.rank == 0 else None
         images, skipped, extra, started = 0, 0, 0, time.perf_counter()
+        # The first row after a resume says so: in metrics.jsonl a restart is one key, not a guess from the steps.
+        resumed_from = self.step or None
         iterator: Iterator[dict] = iter(batches)
         while self.step < self.schedule.stop_step:
             batch = next(iterator, None)
@@ -191,6 +193,8 @@ class Trainer:
                                 "data/extra_samples": self.sum_over_ranks(extra),
                                 "epoch": self.step / self.schedule.steps_per_epoch})
                 images, started = 0, time.perf_counter()
+                if resumed_from is not None:
+                    metrics["resumed_from"], resumed_from = resumed_from, None
                 if report is not None and self.rank == 0:
                     report(metrics, self.step)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.1f}")
