@@ -138,7 +138,9 @@ def ray_cluster(namespaces: list[str], environment: dict[str, str], cpus_per_wor
     driver needs)."""
     # `ray start --head` turns token authentication on; nodes and drivers then send ~/.ray/auth_token.
     env = {**os.environ, **environment, **FAST_HEALTH_CHECKS, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-           "RAY_AUTH_MODE": "token"}
+           "RAY_AUTH_MODE": "token",
+           # A cluster's nodes run the python vitrail is installed in as `python` (what a submitted job calls).
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     env.pop("RAY_ADDRESS", None)
     with ExitStack() as cleanup:
         port, dashboard = _free_port(), _free_port()

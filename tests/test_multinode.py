@@ -1,8 +1,10 @@
 """A real three-node Ray cluster whose worker nodes cannot see the head's files (tests/netns_cluster.py),
 with shards and run dir in a real S3 server on the head's address: the preflight refuses head-local
-paths naming node and path, and a run on s3:// survives losing the node that hosts rank 0."""
+paths naming node and path, a run on s3:// survives losing the node that hosts rank 0, and
+`vitrail submit` of an s3:// config pretrains then evaluates into the bucket."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ import pytest
 import yaml
 
 from vitrail import checkpoints, storage
+from vitrail.launch.cli import main
 
 from conftest import tiny_config_tree
 from netns_cluster import HEAD_IP, INTERFACE, SUBNET, network, ray_cluster
@@ -86,9 +89,49 @@ def test_s3_run_survives_losing_the_node_of_rank_0(cluster, s3_env, fashion_shar
     assert checkpoints.latest_step(run) == 12  # the configured step count, reached on the other node
     rows = [json.loads(line) for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
     steps = [row["step"] for row in rows]
-    # Every step once: nothing before the resumed checkpoint was trained twice, nothing skipped.
-    assert steps == list(range(1, 13)), steps
-    [restart] = [row for row in rows if "resumed_from" in row]
-    # The new worker group started at a checkpoint's step, the one after it is the first it trained.
-    assert restart["resumed_from"] % 4 == 0 and restart["step"] == restart["resumed_from"] + 1
+    [restart] = [number for number, row in enumerate(rows) if "resumed_from" in row]
+    resumed_from = rows[restart]["resumed_from"]
+    # The new worker group started at the newest checkpoint's step: it trained the steps after it, and
+    # nothing before it again. Before the restart, the rows the lost node logged up to its last
+    # checkpoint or beyond; none is missing.
+    assert resumed_from % 4 == 0 and resumed_from >= 4
+    assert steps[restart:] == list(range(resumed_from + 1, 13)), steps
+    assert steps[:restart] == list(range(1, restart + 1)) and restart >= resumed_from, steps
     assert rows[-1]["data/skipped"] == 0  # every shard was read from the bucket on both nodes
+
+
+def _printed(capsys, *argv) -> str:
+    assert main(list(argv)) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def test_submit_with_s3_paths_pretrains_then_evaluates_into_the_bucket(cluster, s3_env, fashion_shards, tmp_path, capsys):
+    nodes, _, _ = cluster
+    data, run = "s3://vitrail/fashion", "s3://vitrail/runs/submitted"
+    storage.upload_tree(fashion_shards, data)
+    tree = _tree(fashion_shards, run, optim={"max_steps": 4}, ray={"max_failures": 0})
+    tree["data"].update(shards=f"{data}/train", eval_train_shards=f"{data}/train", eval_test_shards=f"{data}/test")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+
+    printed = _printed(capsys, "submit", str(recipe), "--address", nodes.dashboard)
+    job_id = re.search(r"submitted job (\S+)", printed).group(1)
+    assert f"run dir: {run}" in printed
+    deadline, state = time.monotonic() + 420, ""
+    while state not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, f"job {job_id} still {state} after 420 s"
+        time.sleep(1)
+        state = _printed(capsys, "jobs", "status", job_id, "--address", nodes.dashboard).strip()
+    logs = _printed(capsys, "jobs", "logs", job_id, "--address", nodes.dashboard)
+    assert state == "SUCCEEDED", logs[-5000:]
+    # It pretrained on the worker nodes, then ran the k-NN eval on the config's eval shards, with baselines.
+    assert f"run dir: {run}" in logs and "weighted k-NN (k=" in logs and "| raw pixels | 784 |" in logs
+    assert re.search(rf"^{re.escape(job_id)}\s+SUCCEEDED\s+python -m vitrail.launch.cli pretrain",
+                     _printed(capsys, "jobs", "list", "--address", nodes.dashboard), re.MULTILINE)
+
+    # Everything it made is in the bucket the config names, nothing on any node's disk.
+    assert checkpoints.latest_step(run) == 4
+    steps = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+    assert steps == [1, 2, 3, 4]
+    knn = json.loads(storage.read_text(f"{run}/results.json"))["knn"]
+    assert {row["features"] for row in knn} == {"raw pixels", "random init", "pretrained (step 4)"}

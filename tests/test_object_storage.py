@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from vitrail.errors import VitrailError
 from vitrail.launch.cli import main
 from vitrail.launch.config import from_dict
 from vitrail.launch.local import pretrain
+from vitrail.launch.tracking import dashboard_command
 from vitrail.pipelines.shards import read_index
 from vitrail.pipelines.stream import local_batches
 
@@ -43,8 +45,8 @@ def test_shard_train_resume_evaluate_and_report_in_a_bucket(s3, tmp_path, capsys
     storage.download_tree(f"{data}/train", local)
     assert _samples(shards) == _samples(read_index(local)) and len(_samples(shards)) == 384
 
-    tree = tiny_config_tree(tmp_path, run, run={"checkpoint_every": 2, "log_every": 1, "keep_last": 2},
-                            optim={"max_steps": 4})
+    tree = tiny_config_tree(tmp_path, run, run={"checkpoint_every": 2, "log_every": 1, "keep_last": 2,
+                                                "tracking": "tensorboard"}, optim={"max_steps": 4})
     tree["data"].update(shards=f"{data}/train", eval_train_shards=f"{data}/train", eval_test_shards=f"{data}/test")
     assert pretrain(from_dict(tree), progress=False).step == 4
     assert s3.keys("vitrail", "runs/tiny/checkpoints/") == ["runs/tiny/checkpoints/step-00000002/state.pt",
@@ -63,6 +65,13 @@ def test_shard_train_resume_evaluate_and_report_in_a_bucket(s3, tmp_path, capsys
     assert main(["eval", "knn", run, "--k", "5", "--cache-dir", str(tmp_path / "features")]) == 0
     knn = json.loads(storage.read_text(f"{run}/results.json"))["knn"]
     assert [row["features"] for row in knn] == ["pretrained (step 6)"] and knn[0]["samples_train"] == 384
+
+    # TensorBoard wrote its events locally; they were copied into the bucket, and the dashboard reads them from there.
+    events = [key for key in s3.keys("vitrail", "runs/tiny/tensorboard/") if "tfevents" in key]
+    assert len(events) == 2  # one file per process: the first run and its resume
+    command = dashboard_command([run])
+    logdir = Path(command[command.index("--logdir_spec") + 1].split(":", 1)[1])
+    assert sorted(path.name for path in logdir.iterdir()) == sorted(key.rsplit("/", 1)[1] for key in events)
 
     assert main(["report", run, "--out", str(tmp_path / "report")]) == 0
     assert "| tiny | dino | vit_tiny | 6 |" in (tmp_path / "report" / "report.md").read_text()

@@ -159,10 +159,11 @@ class Trainer:
         logged.update({key: float(value) for key, value in metrics.items()})
         return logged
 
-    def fit(self, batches: Iterable[dict], report=None, progress: bool = True, after_checkpoint=None) -> None:
+    def fit(self, batches: Iterable[dict], report=None, progress: bool = True, before_checkpoint=None) -> None:
         """Train until `schedule.stop_step` or the data ends; `report(metrics, step)` on log steps, and
         `report(metrics, step, images=...)` from the online monitor (k-NN, view grids, attention);
-        `after_checkpoint()` after each checkpoint (tracker files follow their checkpoint to the run dir)."""
+        `before_checkpoint()` before each checkpoint: tracker files reach the run dir before the checkpoint
+        a resume would start from, so its metrics.jsonl never lacks the rows up to that step."""
         run = self.config.run
         model = self.method
         if self.world_size > 1:
@@ -203,9 +204,9 @@ class Trainer:
                 started += monitor.after_step(self.method, batch, self.step)
             bar.update(1)
             if self.step % run.checkpoint_every == 0:
+                if before_checkpoint is not None:
+                    before_checkpoint()
                 self.save_checkpoint()
-                if after_checkpoint is not None:
-                    after_checkpoint()
         if self.step % run.checkpoint_every != 0:
             self.save_checkpoint()
         bar.close()

@@ -7,7 +7,7 @@ the run dir, and reuses the run id stored there so a resumed run continues the s
 
 wandb and TensorBoard write to local files as they go, and an object cannot be appended to: for a
 run dir on object storage these files live in a local folder and are copied to the run dir at
-each checkpoint (`sync`) and at the end; a resumed run appends to the run dir's metrics.jsonl.
+each checkpoint (`sync`, just before it) and at the end; a resumed run appends to the run dir's metrics.jsonl.
 """
 
 from __future__ import annotations

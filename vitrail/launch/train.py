@@ -80,7 +80,7 @@ def _worker_loop(loop_config: dict) -> None:
     tracker = Tracker(config.run.dir, config.run.tracking, loop_config["config"]) if rank == 0 else None
     try:
         trainer.fit(without_carriers(batches), report=tracker.log if tracker else None,
-                    after_checkpoint=tracker.sync if tracker else None)
+                    before_checkpoint=tracker.sync if tracker else None)
     finally:
         if tracker is not None:
             sync_command = tracker.close()
