@@ -73,3 +73,23 @@ def ray_cluster():
     assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 server (moto's, authentication on) on 127.0.0.1 with a bucket `vitrail`; this process's
+    AWS variables point at it for the session, as a user's environment would point at their store."""
+    from object_storage import s3_server
+
+    with s3_server() as server:
+        saved = {key: os.environ.get(key) for key in server.environment()}
+        os.environ.update(server.environment())
+        server.client().create_bucket(Bucket="vitrail")
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

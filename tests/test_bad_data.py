@@ -11,6 +11,7 @@ import struct
 import tarfile
 import zlib
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,7 +190,7 @@ def test_ray_trains_to_the_end_and_counts_every_bad_sample(ray_cluster, bad_shar
     from vitrail.launch.train import pretrain
 
     root, bad = bad_shards
-    run_dir = pretrain(_config(root, tmp_path / "run"), dashboard=False)
+    run_dir = Path(pretrain(_config(root, tmp_path / "run"), dashboard=False))
     assert _last_metrics(run_dir)["step"] == (SAMPLES - len(bad)) // BATCH
     assert _last_metrics(run_dir)["data/skipped"] == len(bad)
 

@@ -10,7 +10,7 @@ import yaml
 from vitrail import backbones
 from vitrail.backbones.vit import resample_pos_embed
 from vitrail.errors import VitrailError
-from vitrail.launch import checkpoints
+from vitrail import checkpoints
 from vitrail.launch.cli import main
 from vitrail.launch.config import from_dict
 from vitrail.launch.local import pretrain

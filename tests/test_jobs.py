@@ -12,7 +12,8 @@ import psutil
 import pytest
 import yaml
 
-from vitrail.launch import checkpoints, submit
+from vitrail import checkpoints
+from vitrail.launch import submit
 from vitrail.launch.cli import main
 from vitrail.launch.lock import run_dir_lock
 

@@ -8,12 +8,13 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from vitrail.errors import VitrailError
-from vitrail.launch import checkpoints
+from vitrail import checkpoints
 from vitrail.launch.config import from_dict
 from vitrail.launch.local import pretrain
 
@@ -82,16 +83,16 @@ def test_resume_refuses_another_model_or_method_before_touching_anything_unless_
     run_dir = tmp_path / "run"
     tree = _tree(fashion_shards, run_dir, max_steps=4)
     pretrain(from_dict(tree), progress=False)
-    before = {path.name: path.read_bytes() for path in (run_dir / "config.yaml", *checkpoints.list_checkpoints(run_dir))}
+    before = {str(path): path.read_bytes() for path in (run_dir / "config.yaml", *map(Path, checkpoints.list_checkpoints(run_dir)))}
 
     changed = _tree(fashion_shards, run_dir, max_steps=8)
     changed["model"]["kwargs"]["depth"] = 3
     changed["method"]["out_dim"] = 32
-    with pytest.raises(VitrailError, match=r"holds checkpoints of another model or method \(step-00000004.pt\): "
+    with pytest.raises(VitrailError, match=r"holds checkpoints of another model or method \(step-00000004\): "
                                            r"model.kwargs.depth is 2 there, 3 here; method.out_dim is 64 there, 32 here\. "
                                            r".*pass --reset"):
         pretrain(from_dict(changed), progress=False)
-    assert {path.name: path.read_bytes() for path in (run_dir / "config.yaml", *checkpoints.list_checkpoints(run_dir))} == before
+    assert {str(path): path.read_bytes() for path in (run_dir / "config.yaml", *map(Path, checkpoints.list_checkpoints(run_dir)))} == before
     assert _steps(run_dir) == [2, 4]
 
     # Keys outside the model and method may change on resume.
@@ -111,18 +112,18 @@ def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_one_resumed(
     run_dir = tmp_path / "run"
     tree = _tree(fashion_shards, run_dir, max_steps=8)
     pretrain(from_dict(tree), progress=False)
-    newest = checkpoints.checkpoint_dir(run_dir) / "step-00000008.pt"
+    newest = Path(checkpoints.checkpoint_dir(run_dir)) / "step-00000008" / "state.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
     tree["optim"]["max_steps"] = 12
     with caplog.at_level(logging.WARNING, logger="vitrail.run"):
         assert pretrain(from_dict(tree), progress=False).step == 12
-    assert f"cannot load checkpoint {newest}" in caplog.text and "resuming from step-00000004.pt" in caplog.text
-    assert (newest.parent / "step-00000008.pt.corrupt").exists()
+    assert f"cannot load checkpoint {newest}" in caplog.text and "resuming from step-00000004" in caplog.text
+    assert (newest.parent.parent / "step-00000008.corrupt" / "state.pt").exists()
     # The resume went on from step 4: steps 6 and 8 trained again.
     assert _steps(run_dir) == [2, 4, 6, 8, 6, 8, 10, 12] and checkpoints.latest_step(run_dir) == 12
 
-    for path in checkpoints.list_checkpoints(run_dir):
+    for path in map(Path, checkpoints.list_checkpoints(run_dir)):
         path.write_bytes(b"")
-    with pytest.raises(VitrailError, match=r"no checkpoint in .* loads: cannot load checkpoint .*step-00000008.pt"):
+    with pytest.raises(VitrailError, match=r"no checkpoint in .* loads: cannot load checkpoint .*step-00000008/state.pt"):
         pretrain(from_dict(tree), progress=False)

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from vitrail.launch import checkpoints
+from vitrail import checkpoints
 from vitrail.launch.config import from_dict
 from vitrail.launch.loop import Trainer
 from vitrail.launch.train import pretrain

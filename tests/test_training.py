@@ -1,13 +1,14 @@
 """The local launcher: training, checkpoints, resume, NaN handling."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from vitrail import ssl
 from vitrail.errors import VitrailError
-from vitrail.launch import checkpoints
+from vitrail import checkpoints
 from vitrail.launch.config import from_dict
 from vitrail.launch.local import pretrain
 
@@ -23,7 +24,7 @@ def test_local_run_trains_checkpoints_and_resumes(fashion_shards, tmp_path):
     tree = tiny_config_tree(fashion_shards, run_dir, optim={"epochs": 2, "batch_size": 32, "max_steps": 12})
     trainer = pretrain(from_dict(tree), progress=False)
     assert trainer.step == 12
-    assert [path.name for path in checkpoints.list_checkpoints(run_dir)] == ["step-00000008.pt", "step-00000012.pt"]
+    assert [Path(path).parent.name for path in checkpoints.list_checkpoints(run_dir)] == ["step-00000008", "step-00000012"]
     logged = _metrics(run_dir)
     assert [row["step"] for row in logged] == [2, 4, 6, 8, 10, 12]
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in logged)

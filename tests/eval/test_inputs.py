@@ -68,6 +68,6 @@ def test_arch_that_disagrees_with_a_run_checkpoint_is_an_error(fashion_shards, t
     tree = tiny_config_tree(fashion_shards, tmp_path / "run", run={"precision": "fp32"})
     Trainer(from_dict(tree), num_samples=640).save_checkpoint()
     assert open_checkpoint(tmp_path / "run", arch="vit_tiny").step == 0  # agreeing is fine
-    with pytest.raises(VitrailError, match=r"--arch vit_small disagrees with .*step-00000000.pt, a vitrail checkpoint "
+    with pytest.raises(VitrailError, match=r"--arch vit_small disagrees with .*step-00000000/state.pt, a vitrail checkpoint "
                                            r"of a vit_tiny; drop --arch"):
         open_checkpoint(tmp_path / "run", arch="vit_small")

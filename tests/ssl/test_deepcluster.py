@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vitrail.errors import VitrailError
-from vitrail.launch import checkpoints
+from vitrail import checkpoints
 from vitrail.launch.config import from_dict, load
 from vitrail.launch.local import pretrain
 from vitrail.pipelines.views import Views, key_ids

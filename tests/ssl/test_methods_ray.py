@@ -6,7 +6,7 @@ RotNet's rotations. iBOT and BYOL train on multi-crop views, as DINO."""
 
 import json
 
-from vitrail.launch import checkpoints
+from vitrail import checkpoints
 from vitrail.launch.config import from_dict
 from vitrail.launch.train import pretrain
 

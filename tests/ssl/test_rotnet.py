@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitrail.launch import checkpoints
+from vitrail import checkpoints
 from vitrail.launch.config import from_dict, load
 from vitrail.launch.local import pretrain
 from vitrail.pipelines.views import Normalization, Rotations

@@ -20,16 +20,14 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from vitrail import backbones, ssl
+from vitrail import backbones, checkpoints, ssl, storage
 from vitrail.backbones.weights import fit
 from vitrail.errors import VitrailError
-from vitrail.launch import checkpoints
 from vitrail.launch.config import Config, DataSection, from_dict
 
 _WRAPPER_KEYS = ("teacher", "state_dict")  # DINO's training checkpoint, iBOT's released backbones
@@ -39,7 +37,7 @@ RELEASED_CROP = 224  # DINO evaluates 224 centre crops (of images resized to 256
 
 @dataclass
 class Checkpoint:
-    file: Path
+    file: str  # a local path or a URL
     step: int | None  # None for released weights
     data: DataSection  # channels and normalisation the backbone expects
     crop_size: int  # the size it trained at
@@ -52,12 +50,12 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return f"pretrained (step {self.step})" if self.step is not None else f"pretrained ({self.file.name})"
+        return f"pretrained (step {self.step})" if self.step is not None else f"pretrained ({storage.name(self.file)})"
 
     def identity(self) -> dict:
         """What the features depend on: the file as it is now (path, size, mtime) and its step."""
-        stat = self.file.stat()
-        return {"file": str(self.file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "step": self.step}
+        size, mtime_ns = storage.size_and_mtime(self.file)
+        return {"file": storage.absolute(self.file), "size": size, "mtime_ns": mtime_ns, "step": self.step}
 
 
 def open_checkpoint(path: str | os.PathLike, arch: str | None = None, patch_size: int | None = None) -> Checkpoint:
@@ -68,13 +66,13 @@ def open_checkpoint(path: str | os.PathLike, arch: str | None = None, patch_size
     return _released_checkpoint(file, state, arch, patch_size)
 
 
-def load_state(path: str | os.PathLike) -> tuple[Path, object]:
+def load_state(path: str | os.PathLike) -> tuple[str, object]:
     """(the file read, what it holds): a run dir's latest checkpoint, or the file `path` names."""
-    path = Path(path)
-    file = path
-    if path.is_dir():
-        found = checkpoints.list_checkpoints(path)
-        file = found[-1] if found else path  # checkpoints.load names the empty folder
+    file = storage.absolute(path)
+    storage.check_readable(file, "checkpoint")
+    if storage.is_dir(file):
+        found = checkpoints.list_checkpoints(file)
+        file = found[-1] if found else file  # checkpoints.load names the empty folder
     # DINO's training checkpoints store their argparse.Namespace; allow only that beyond tensors.
     with torch.serialization.safe_globals([argparse.Namespace]):
         return file, checkpoints.load(file)
@@ -84,12 +82,15 @@ def is_vitrail_checkpoint(state) -> bool:
     return isinstance(state, dict) and "config" in state and "method" in state
 
 
-def results_dir(path: str | os.PathLike) -> Path:
+def results_dir(path: str | os.PathLike) -> str:
     """Where a checkpoint's results.json and feature cache go: its run dir, else the file's folder."""
-    path = Path(path)
-    if path.is_dir():
+    path = storage.absolute(path)
+    if storage.is_dir(path):
         return path
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    folder = storage.parent(path)
+    if storage.name(folder).startswith("step-"):  # RUN_DIR/checkpoints/step-N/state.pt
+        folder = storage.parent(folder)
+    return storage.parent(folder) if storage.name(folder) == "checkpoints" else folder
 
 
 def _seeded(build):
@@ -99,7 +100,7 @@ def _seeded(build):
         return build()
 
 
-def vitrail_checkpoint(file: Path, state: dict, arch: str | None = None) -> Checkpoint:
+def vitrail_checkpoint(file: str, state: dict, arch: str | None = None) -> Checkpoint:
     config = from_dict(state["config"], f"config stored in {file}")
     if arch is not None and arch != config.model.backbone:
         raise VitrailError(f"--arch {arch} disagrees with {file}, a vitrail checkpoint of a {config.model.backbone}; "
@@ -116,7 +117,7 @@ def vitrail_checkpoint(file: Path, state: dict, arch: str | None = None) -> Chec
                       lambda: _seeded(build).backbone_for_eval(), config, method)
 
 
-def _released_checkpoint(file: Path, state, arch: str | None, patch_size: int | None) -> Checkpoint:
+def _released_checkpoint(file: str, state, arch: str | None, patch_size: int | None) -> Checkpoint:
     if arch is None:
         raise VitrailError(f"{file} is not a vitrail run checkpoint (it stores no config), so its architecture must be "
                            f"named: pass --arch (one of {', '.join(backbones.names())}) and, for a ViT, --patch-size "
@@ -138,7 +139,7 @@ def _released_checkpoint(file: Path, state, arch: str | None, patch_size: int | 
     return Checkpoint(file, None, DataSection(), RELEASED_CROP, None, None, backbone, lambda: _seeded(build))
 
 
-def backbone_weights(state, file: Path) -> dict[str, torch.Tensor]:
+def backbone_weights(state, file: str) -> dict[str, torch.Tensor]:
     """The tensors of a released checkpoint under the backbone's own key names."""
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -156,7 +157,7 @@ def backbone_weights(state, file: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _vit_geometry(weights: dict, file: Path, patch_size: int | None) -> dict:
+def _vit_geometry(weights: dict, file: str, patch_size: int | None) -> dict:
     if "patch_embed.proj.weight" not in weights or "pos_embed" not in weights:
         raise VitrailError(f"{file} has no 'patch_embed.proj.weight' / 'pos_embed': not a ViT state dict")
     embed_dim, channels, stored_patch, _ = weights["patch_embed.proj.weight"].shape  # (D, C, p, p)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitrail import storage
 from vitrail.errors import VitrailError
 from vitrail.eval import cache
 from vitrail.eval.checkpoint import open_checkpoint, results_dir
@@ -51,7 +52,7 @@ def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, ks=D
 
     data = checkpoint.data
     scratch = None if use_cache else tempfile.TemporaryDirectory(prefix="vitrail-features-")
-    cache_dir = Path(scratch.name if scratch else cache_dir or results_dir(path) / "features")
+    cache_dir = Path(scratch.name if scratch else cache_dir or _default_cache(results_dir(path)))
     results = {protocol: [] for protocol in protocols}
     try:
         for name, model, identity in models:
@@ -127,7 +128,15 @@ def _capacity(index: ShardIndex, limit: int | None) -> int:
 
 def _index_digest(index: ShardIndex) -> str:
     # index.json lists every shard's sample count and sha256: equal digests, equal data.
-    return hashlib.sha256((index.folder / INDEX).read_bytes()).hexdigest()
+    return hashlib.sha256(storage.read_bytes(storage.join(index.folder, INDEX))).hexdigest()
+
+
+def _default_cache(run_dir: str) -> Path:
+    """RUN_DIR/features; for a run dir on object storage a local folder named after it, since the
+    cache is memory-mapped."""
+    if storage.is_local(run_dir):
+        return storage.local_path(run_dir) / "features"
+    return Path(tempfile.gettempdir()) / "vitrail-features" / hashlib.sha256(run_dir.encode()).hexdigest()[:16]
 
 
 def _slug(name: str) -> str:
@@ -139,12 +148,12 @@ def _missing(split: str):
                        f"data.eval_{split}_shards in the run's config")
 
 
-def write_results(path: str | Path, results: dict[str, list[dict]]) -> Path:
+def write_results(path: str | Path, results: dict[str, list[dict]]) -> str:
     """Merge `results` into results.json of the checkpoint's run dir (or the released file's folder)."""
-    path = results_dir(path) / "results.json"
-    stored = json.loads(path.read_text()) if path.exists() else {}
+    path = storage.join(results_dir(path), "results.json")
+    stored = json.loads(storage.read_text(path)) if storage.exists(path) else {}
     stored.update(results)
-    path.write_text(json.dumps(stored, indent=1, default=_jsonable) + "\n")
+    storage.write_text(path, json.dumps(stored, indent=1, default=_jsonable) + "\n")
     return path
 
 

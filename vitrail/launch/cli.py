@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from vitrail import storage
 from vitrail.errors import VitrailError
 
 
@@ -46,7 +46,7 @@ def _pretrain(args) -> None:
     else:
         from vitrail.launch.train import pretrain
         pretrain(config, dashboard=not args.no_dashboard, reset=args.reset)
-    print(f"run dir: {Path(config.run.dir)}")
+    print(f"run dir: {config.run.dir}")
 
 
 def _eval(args) -> None:
@@ -59,7 +59,7 @@ def _eval(args) -> None:
     if args.data is not None:
         if train_shards or test_shards:
             raise VitrailError("pass either --data (a folder holding train/ and test/) or --train-shards/--test-shards")
-        train_shards, test_shards = str(Path(args.data) / "train"), str(Path(args.data) / "test")
+        train_shards, test_shards = storage.join(args.data, "train"), storage.join(args.data, "test")
     protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
     results = evaluate(checkpoint, protocols, train_shards, test_shards, ks=args.k, temperature=args.temperature,
                        linear_epochs=args.epochs, resize_size=args.resize_size, crop_size=args.crop_size,

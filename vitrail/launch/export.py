@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vitrail import storage
 from vitrail.backbones.exported import export
 from vitrail.errors import VitrailError
 from vitrail.eval.checkpoint import Checkpoint, is_vitrail_checkpoint, load_state, results_dir, vitrail_checkpoint
@@ -19,7 +20,7 @@ def export_run(path: str | Path, out: str | Path, which: str | None = None, fmt:
     file, state = load_state(path)
     if not is_vitrail_checkpoint(state):
         raise VitrailError(f"{file} is not a vitrail checkpoint (it stores no config): `vitrail export` takes a run "
-                           "dir or one of its checkpoints/step-*.pt")
+                           "dir or one of its checkpoints/step-*/state.pt")
     checkpoint = vitrail_checkpoint(file, state)
     student, teacher = checkpoint.method.backbone_pair()
     backbone = {"student": student, "teacher": teacher, None: checkpoint.backbone}[which]
@@ -28,7 +29,7 @@ def export_run(path: str | Path, out: str | Path, which: str | None = None, fmt:
         "method": config.method.name,
         "network": "teacher" if backbone is teacher and teacher is not student else "student",
         "step": checkpoint.step,
-        "checkpoint": str(Path(file).resolve()),
+        "checkpoint": storage.absolute(file),
         "dataset": _dataset_name(config.data.shards),
         "shards": config.data.shards,
         "knn_top1": _knn_scores(path, checkpoint),
@@ -38,14 +39,14 @@ def export_run(path: str | Path, out: str | Path, which: str | None = None, fmt:
 
 def _dataset_name(shards: str) -> str:
     """The shard folder's name, with its parent's when the folder is a split: 'fashion-mnist/train'."""
-    folder = Path(shards)
-    return f"{folder.parent.name}/{folder.name}" if folder.name in _SPLITS else folder.name
+    folder = storage.name(shards)
+    return f"{storage.name(storage.parent(shards))}/{folder}" if folder in _SPLITS else folder
 
 
 def _knn_scores(path, checkpoint: Checkpoint) -> dict[str, float] | None:
     """k -> top-1 of this checkpoint's weighted k-NN in the run's results.json, when it was evaluated."""
-    results = results_dir(path) / "results.json"
-    if not results.exists():
+    results = storage.join(results_dir(path), "results.json")
+    if not storage.exists(results):
         return None
-    rows = [row for row in json.loads(results.read_text()).get("knn", []) if row.get("features") == checkpoint.name]
+    rows = [row for row in json.loads(storage.read_text(results)).get("knn", []) if row.get("features") == checkpoint.name]
     return {str(row["k"]): row["top1"] for row in rows} or None

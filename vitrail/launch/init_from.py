@@ -22,7 +22,7 @@ from vitrail.backbones.exported import WEIGHTS_FILE, read_safetensors
 from vitrail.backbones.weights import fit
 from vitrail.errors import VitrailError
 from vitrail.eval.checkpoint import backbone_weights, is_vitrail_checkpoint, load_state, vitrail_checkpoint
-from vitrail.launch import checkpoints
+from vitrail import checkpoints
 from vitrail.launch.config import Config
 
 log = logging.getLogger("vitrail.init")

@@ -20,7 +20,7 @@ def pretrain(config: Config, progress: bool = True, reset: bool = False) -> Trai
                                 max_pixels=config.data.max_image_pixels, verify=config.data.verify)
         tracker = Tracker(config.run.dir, config.run.tracking, config.model_dump(mode="json"))
         try:
-            trainer.fit(batches, report=tracker.log, progress=progress)
+            trainer.fit(batches, report=tracker.log, progress=progress, before_checkpoint=tracker.sync)
         finally:
             sync_command = tracker.close()
     if sync_command:

@@ -4,9 +4,9 @@ The lock is an flock on RUN_DIR/.lock, and the file names its holder (host, pid,
 the error a second run gets. The kernel drops an flock when its holder dies however it dies, so
 a lock left by a killed run is free: the next run takes it over and says whose it was.
 
-Run dirs are local or shared POSIX folders (NFS v4 carries flocks between hosts). Object-storage
-run dirs (s3://, gs://) are not supported yet; locking one will need the store's conditional
-writes (create-if-absent), with a lease instead of an flock.
+Run dirs are local or shared POSIX folders (NFS v4 carries flocks between hosts). An
+object-storage run dir (s3://, gs://) is not locked: that would need the store's conditional
+writes (create-if-absent) with a lease instead of an flock, which pyarrow.fs does not offer.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from vitrail import storage
 from vitrail.errors import VitrailError
 
 LOCK = ".lock"
@@ -29,7 +30,11 @@ log = logging.getLogger("vitrail.run")
 @contextmanager
 def run_dir_lock(run_dir: str | os.PathLike):
     """Hold RUN_DIR/.lock for the block; a VitrailError naming the holder when another process holds it."""
-    path = Path(run_dir) / LOCK
+    if not storage.is_local(run_dir):
+        log.warning("run dir %s is on object storage, which vitrail cannot lock: run one run at a time in it", run_dir)
+        yield
+        return
+    path = storage.local_path(run_dir) / LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = _take(path)
     try:
@@ -41,7 +46,9 @@ def run_dir_lock(run_dir: str | os.PathLike):
 
 def check_free(run_dir: str | os.PathLike) -> None:
     """Fail now, naming the holder, when a run holds RUN_DIR (for `submit`, whose job takes the lock later)."""
-    path = Path(run_dir) / LOCK
+    if not storage.is_local(run_dir):
+        return
+    path = storage.local_path(run_dir) / LOCK
     if path.exists():
         os.close(_take(path))
         path.unlink(missing_ok=True)

@@ -20,7 +20,8 @@ from vitrail import ssl
 from vitrail.errors import VitrailError
 from vitrail.eval.features import extract
 from vitrail.eval.online import OnlineMonitor
-from vitrail.launch import checkpoints, resume, sync_batchnorm
+from vitrail import checkpoints, storage
+from vitrail.launch import resume, sync_batchnorm
 from vitrail.launch.config import Config
 from vitrail.launch.init_from import initialise
 from vitrail.precision import autocast, float32_norms, uses_bf16
@@ -58,8 +59,12 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Owns the method, optimizer and step counter of one worker."""
 
-    def __init__(self, config: Config, num_samples: int, rank: int = 0, world_size: int = 1, device=None):
+    def __init__(self, config: Config, num_samples: int, rank: int = 0, world_size: int = 1, device=None,
+                 report_checkpoint=None):
+        """`report_checkpoint(step, state)`, when given, takes the checkpoints on every rank (rank 0's
+        state, None elsewhere): Ray Train's collective `report`. Without it rank 0 writes them itself."""
         self.config, self.rank, self.world_size = config, rank, world_size
+        self.report_checkpoint = report_checkpoint
         self.device = device or resolve_device(config.run.device)
         self.schedule = Schedule.of(config, num_samples, world_size)
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
@@ -92,7 +97,9 @@ class Trainer:
             initialise(self.method, self.config)
 
     def save_checkpoint(self) -> None:
-        if self.rank == 0:
+        if self.report_checkpoint is not None:
+            self.report_checkpoint(self.step, self.state() if self.rank == 0 else None)
+        elif self.rank == 0:
             checkpoints.save(self.config.run.dir, self.step, self.state(), self.config.run.keep_last)
 
     def sum_over_ranks(self, value: int) -> int:
@@ -146,9 +153,11 @@ class Trainer:
         logged.update({key: float(value) for key, value in metrics.items()})
         return logged
 
-    def fit(self, batches: Iterable[dict], report=None, progress: bool = True) -> None:
+    def fit(self, batches: Iterable[dict], report=None, progress: bool = True, before_checkpoint=None) -> None:
         """Train until `schedule.stop_step` or the data ends; `report(metrics, step)` on log steps, and
-        `report(metrics, step, images=...)` from the online monitor (k-NN, view grids, attention)."""
+        `report(metrics, step, images=...)` from the online monitor (k-NN, view grids, attention);
+        `before_checkpoint()` before each checkpoint: tracker files reach the run dir before the checkpoint
+        a resume would start from, so its metrics.jsonl never lacks the rows up to that step."""
         run = self.config.run
         model = self.method
         if self.world_size > 1:
@@ -160,6 +169,8 @@ class Trainer:
         bar = _progress(self.schedule.stop_step, self.step, enabled=progress and self.rank == 0)
         monitor = OnlineMonitor(self.config, self.device, report, self.schedule.stop_step) if report is not None and self.rank == 0 else None
         images, skipped, extra, started = 0, 0, 0, time.perf_counter()
+        # The first row after a resume says so: in metrics.jsonl a restart is one key, not a guess from the steps.
+        resumed_from = self.step or None
         iterator: Iterator[dict] = iter(batches)
         while self.step < self.schedule.stop_step:
             batch = next(iterator, None)
@@ -177,6 +188,8 @@ class Trainer:
                                 "data/extra_samples": self.sum_over_ranks(extra),
                                 "epoch": self.step / self.schedule.steps_per_epoch})
                 images, started = 0, time.perf_counter()
+                if resumed_from is not None:
+                    metrics["resumed_from"], resumed_from = resumed_from, None
                 if report is not None and self.rank == 0:
                     report(metrics, self.step)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.1f}")
@@ -185,6 +198,8 @@ class Trainer:
                 started += monitor.after_step(self.method, batch, self.step)
             bar.update(1)
             if self.step % run.checkpoint_every == 0:
+                if before_checkpoint is not None:
+                    before_checkpoint()
                 self.save_checkpoint()
         if self.step % run.checkpoint_every != 0:
             self.save_checkpoint()
@@ -198,14 +213,14 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def absolute_paths(config: Config) -> None:
-    """Make the run dir and shard paths absolute, from this process's working directory: Ray
-    workers and Ray Jobs run elsewhere."""
-    config.run.dir = str(Path(config.run.dir).resolve())
+    """Make the local run dir and shard paths absolute, from this process's working directory (Ray
+    workers and Ray Jobs run elsewhere); URLs stay as they are. A URL of an unknown scheme fails here."""
+    config.run.dir = storage.absolute(config.run.dir)
     if config.model.init_from:
         config.model.init_from = str(Path(config.model.init_from).resolve())
     for field in ("shards", "eval_train_shards", "eval_test_shards"):
         if getattr(config.data, field):
-            setattr(config.data, field, str(Path(getattr(config.data, field)).resolve()))
+            setattr(config.data, field, storage.absolute(getattr(config.data, field)))
 
 
 def start_run(config: Config, reset: bool = False) -> ShardIndex:
@@ -214,13 +229,14 @@ def start_run(config: Config, reset: bool = False) -> ShardIndex:
     returns the shard index. Call it holding the run dir's lock."""
     absolute_paths(config)
     index = read_index(config.data.shards)
-    run_dir = Path(config.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = config.run.dir
+    storage.check_readable(run_dir, "run dir")
+    storage.makedirs(run_dir)
     if reset:
         resume.set_aside(run_dir)
     else:
         resume.check_resumable(config)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
+    storage.write_text(storage.join(run_dir, "config.yaml"), config.to_yaml())
     return index
 
 

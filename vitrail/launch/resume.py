@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from vitrail.errors import VitrailError
-from vitrail.launch import checkpoints
+from vitrail import checkpoints, storage
 from vitrail.launch.config import Config, from_dict
 from vitrail.launch.lock import LOCK
 
@@ -32,7 +31,7 @@ def check_resumable(config: Config) -> None:
                    for section in FIXED_SECTIONS
                    for key, stored_value, value in _differences(stored[section], current[section], f"{section}.")]
     if differences:
-        raise VitrailError(f"run dir {config.run.dir} holds checkpoints of another model or method ({path.name}): "
+        raise VitrailError(f"run dir {config.run.dir} holds checkpoints of another model or method ({storage.name(storage.parent(path))}): "
                            f"{'; '.join(differences)}. Resume with the checkpoint's values, pass --reset to start over "
                            "(the old run is moved aside into the run dir), or set another run.dir")
 
@@ -46,17 +45,15 @@ def _differences(stored: dict, current: dict, prefix: str):
             yield f"{prefix}{key}", old, new
 
 
-def set_aside(run_dir: str | Path) -> Path | None:
+def set_aside(run_dir: str) -> str | None:
     """Move everything a previous run left in `run_dir` (checkpoints, config, metrics, tracker files,
     results) into `run_dir/reset-<time>/`, so a new run starts from nothing and loses no finished work."""
-    run_dir = Path(run_dir)
-    entries = [entry for entry in run_dir.iterdir() if entry.name != LOCK and not entry.name.startswith("reset-")]
+    entries = [entry for entry in storage.listdir(run_dir) if entry != LOCK and not entry.startswith("reset-")]
     if not entries:
         return None
-    aside = run_dir / time.strftime("reset-%Y%m%d-%H%M%S")
-    aside.mkdir()
+    aside = storage.join(run_dir, time.strftime("reset-%Y%m%d-%H%M%S"))
+    storage.makedirs(aside)
     for entry in entries:
-        entry.rename(aside / entry.name)
-    log.warning("run dir %s: --reset moved the previous run (%s) into %s", run_dir,
-                ", ".join(sorted(entry.name for entry in entries)), aside)
+        storage.move(storage.join(run_dir, entry), storage.join(aside, entry))
+    log.warning("run dir %s: --reset moved the previous run (%s) into %s", run_dir, ", ".join(sorted(entries)), aside)
     return aside

@@ -6,11 +6,13 @@ A run's curves come from its metrics.jsonl, or, where that is gone, from its wan
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from vitrail import storage
 from vitrail.errors import VitrailError
 from vitrail.launch.tracking import read_offline_history
 
@@ -47,18 +49,22 @@ class RunSummary:
                 "linear top-1": self.result_top1("linear")}
 
 
-def history(run_dir: Path) -> list[dict]:
+def history(run_dir: str) -> list[dict]:
     """The run's logged rows, those of one step merged (scalars and online k-NN are separate rows)."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
+    path = storage.join(run_dir, "metrics.jsonl")
+    if storage.exists(path):
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(storage.read_text(path).splitlines(), 1):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 raise VitrailError(f"{path} line {number} is not JSON: {line[:80]!r}") from None
-    else:
+    elif storage.is_local(run_dir):
         rows = read_offline_history(run_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vitrail-wandb-") as copy:
+            storage.download_tree(storage.join(run_dir, "wandb"), Path(copy) / "wandb")
+            rows = read_offline_history(copy)
     by_step: dict[int, dict] = {}
     for row in rows:
         by_step.setdefault(row["step"], {}).update(row)
@@ -66,13 +72,14 @@ def history(run_dir: Path) -> list[dict]:
 
 
 def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    run_dir = storage.absolute(run_dir)
+    storage.check_readable(run_dir, "run dir")
+    if not storage.is_dir(run_dir):
         raise VitrailError(f"run dir {run_dir} does not exist")
-    config_path, results_path = run_dir / "config.yaml", run_dir / "results.json"
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    return RunSummary(name or run_dir.name, config.get("method", {}).get("name"), config.get("model", {}).get("backbone"),
+    config_path, results_path = storage.join(run_dir, "config.yaml"), storage.join(run_dir, "results.json")
+    config = yaml.safe_load(storage.read_text(config_path)) if storage.exists(config_path) else {}
+    results = json.loads(storage.read_text(results_path)) if storage.exists(results_path) else {}
+    return RunSummary(name or storage.name(run_dir), config.get("method", {}).get("name"), config.get("model", {}).get("backbone"),
                       history(run_dir), results)
 
 
@@ -111,7 +118,7 @@ def plot(summaries: list[RunSummary], metric: str, label: str, path: Path) -> bo
 def report(run_dirs: list[str | Path], out: str | Path) -> tuple[str, list[Path]]:
     """(markdown, written files): the comparison table in OUT/report.md, and OUT/loss.png and
     OUT/knn.png where some run logged those curves."""
-    names = [Path(run_dir).name for run_dir in run_dirs]
+    names = [storage.name(storage.absolute(run_dir)) for run_dir in run_dirs]
     # Runs in same-named folders are told apart by the paths as given.
     names = [str(run_dir) if names.count(name) > 1 else name for run_dir, name in zip(run_dirs, names)]
     summaries = [summarize(run_dir, name) for run_dir, name in zip(run_dirs, names)]

@@ -4,6 +4,10 @@ Images go to `images/<name>_step<N>.png` in the run dir and to the same backend.
 wandb runs offline unless WANDB_API_KEY is set (no network call then), keeps its files in
 the run dir, and reuses the run id stored there so a resumed run continues the same curve.
 `read_offline_history` reads the history back from wandb's own run files.
+
+wandb and TensorBoard write to local files as they go, and an object cannot be appended to: for a
+run dir on object storage these files live in a local folder and are copied to the run dir at
+each checkpoint (`sync`, just before it) and at the end; a resumed run appends to the run dir's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -13,25 +17,35 @@ import os
 import re
 import secrets
 import struct
+import shutil
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from vitrail import storage
 from vitrail.errors import VitrailError
 
 
 class Tracker:
     def __init__(self, run_dir: str | Path, backend: str, config: dict, name: str | None = None):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.url = str(run_dir)
+        if storage.is_local(run_dir):
+            self.run_dir, self._staged = storage.local_path(run_dir), False
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.run_dir, self._staged = Path(tempfile.mkdtemp(prefix="vitrail-tracking-")), True
+            for kept in ("metrics.jsonl", "wandb_id"):
+                if storage.exists(storage.join(self.url, kept)):
+                    (self.run_dir / kept).write_bytes(storage.read_bytes(storage.join(self.url, kept)))
         self.backend = backend
         self._metrics = open(self.run_dir / "metrics.jsonl", "a")
         self._wandb = self._tensorboard = None
         if backend == "wandb":
-            self._wandb = _start_wandb(self.run_dir, config, name or self.run_dir.name)
+            self._wandb = _start_wandb(self.run_dir, config, name or storage.name(self.url))
         elif backend == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
@@ -69,9 +83,18 @@ class Tracker:
             self._tensorboard.flush()
         return path
 
+    def sync(self) -> None:
+        """Copy the tracker files to a run dir on object storage (nothing to do for a local one)."""
+        if not self._staged:
+            return
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+        storage.upload_tree(self.run_dir, self.url)
+
     def close(self) -> str | None:
-        """Flush and close; returns the `wandb sync` command for an offline run."""
+        """Flush, close and copy to the run dir; returns the `wandb sync` command for an offline run."""
         self._metrics.close()
+        command = None
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:
@@ -83,8 +106,15 @@ class Tracker:
             import wandb
             wandb.teardown()
             if offline:
-                return f"wandb sync {Path(directory).parent}"
-        return None
+                run_files = Path(directory).parent
+                if self._staged:
+                    command = f"wandb sync <a local copy of {storage.join(self.url, str(run_files.relative_to(self.run_dir)))}>"
+                else:
+                    command = f"wandb sync {run_files}"
+        if self._staged:
+            storage.upload_tree(self.run_dir, self.url)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return command
 
 
 def _start_wandb(run_dir: Path, config: dict, name: str):
@@ -102,10 +132,14 @@ def dashboard_command(run_dirs: list[str | Path], port: int = 6006) -> list[str]
     """TensorBoard over the runs' event files, bound to 127.0.0.1, each run named by its folder."""
     specs = []
     for run_dir in run_dirs:
-        events = Path(run_dir) / "tensorboard"
-        if not events.is_dir():
+        events = storage.join(storage.absolute(run_dir), "tensorboard")
+        if not storage.is_dir(events):
             raise VitrailError(f"{run_dir} has no tensorboard/ folder; train it with run.tracking=tensorboard")
-        specs.append(f"{Path(run_dir).resolve().name}:{events.resolve()}")
+        if not storage.is_local(events):  # TensorBoard reads local folders: a copy of the run's events
+            copy = Path(tempfile.mkdtemp(prefix="vitrail-dashboard-")) / "tensorboard"
+            storage.download_tree(events, copy)
+            events = str(copy)
+        specs.append(f"{storage.name(storage.absolute(run_dir))}:{Path(events).resolve()}")
     return [sys.executable, "-m", "tensorboard.main", "--logdir_spec", ",".join(specs),
             "--host", "127.0.0.1", "--port", str(port)]
 

@@ -2,23 +2,29 @@
 
 The driver reads the shard index, builds the view dataset (decoding and augmentation run in
 Ray Data tasks, uint8 all the way), and hands `streaming_split` shards of it to the
-workers. Workers run `loop.Trainer`; rank 0 checkpoints into the run dir and logs.
+workers. Workers run `loop.Trainer`. Checkpoints go through Ray Train's own API: rank 0's state
+in `ray.train.report(checkpoint=...)`, which Ray stores under RUN_DIR/checkpoints (local or object
+storage), and a worker group that starts or restarts on any node resumes from
+`ray.train.get_checkpoint()`. Before any worker starts, every node is checked to reach the data
+and the run dir (`preflight`).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from vitrail import checkpoints, storage
 from vitrail.errors import VitrailError
 from vitrail.launch.config import Config, RaySection, from_dict
 from vitrail.launch.lock import run_dir_lock
 from vitrail.launch.loop import Schedule, Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker
-from vitrail.pipelines.shards import read_index
+from vitrail.pipelines.shards import INDEX, read_index
 from vitrail.pipelines.stream import ingest_options, ray_dataset, without_carriers
 
 # Single-machine runs stay on loopback: Ray's single-machine mode (else Ray swaps 127.0.0.1 for the
@@ -58,20 +64,41 @@ def _worker_loop(loop_config: dict) -> None:
     torch.set_num_threads(config.ray.torch_threads or max(1, int(config.ray.cpus_per_worker)))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    trainer = Trainer(config, loop_config["num_samples"], rank, world_size, device=ray.train.torch.get_device())
-    trainer.resume_if_possible()
+    device = ray.train.torch.get_device()
+    trainer = Trainer(config, loop_config["num_samples"], rank, world_size, device=device,
+                      report_checkpoint=_report_checkpoint)
+    reported = ray.train.get_checkpoint()
+    if reported is None:  # a first start: the run dir may still hold a previous run's checkpoints
+        trainer.resume_if_possible()
+    else:
+        with reported.as_directory() as folder:
+            trainer.restore(checkpoints.load(Path(folder) / checkpoints.STATE, map_location=device))
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
                                  local_shuffle_buffer_size=config.data.shuffle_buffer or None,
                                  local_shuffle_seed=config.run.seed + trainer.step)
     tracker = Tracker(config.run.dir, config.run.tracking, loop_config["config"]) if rank == 0 else None
     try:
-        trainer.fit(without_carriers(batches), report=tracker.log if tracker else None)
+        trainer.fit(without_carriers(batches), report=tracker.log if tracker else None,
+                    before_checkpoint=tracker.sync if tracker else None)
     finally:
         if tracker is not None:
             sync_command = tracker.close()
             if sync_command:
                 print(f"wandb ran offline; upload with: {sync_command}")
+
+
+def _report_checkpoint(step: int, state: dict | None) -> None:
+    """Every rank reports the step; rank 0's report carries the checkpoint, which Ray uploads into
+    RUN_DIR/checkpoints/step-N and registers only once it is whole."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="vitrail-checkpoint-") as folder:
+        checkpoint = None
+        if state is not None:
+            checkpoints.write_folder(folder, state)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=checkpoints.folder_name(step))
 
 
 def _view_dataset(config_tree: dict, workers: int):
@@ -110,7 +137,7 @@ def _worker_runtime_env(settings: RaySection) -> dict | None:
     return None
 
 
-def pretrain(config: Config, dashboard: bool = True, reset: bool = False) -> Path:
+def pretrain(config: Config, dashboard: bool = True, reset: bool = False) -> str:
     """Run the pretraining in `config` on Ray, holding the run dir's lock; returns the run dir.
     `reset` starts over, moving a previous run in the run dir aside."""
     if config.ray.workers < 1:
@@ -119,7 +146,7 @@ def pretrain(config: Config, dashboard: bool = True, reset: bool = False) -> Pat
         return _pretrain(config, dashboard, reset)
 
 
-def _pretrain(config: Config, dashboard: bool, reset: bool) -> Path:
+def _pretrain(config: Config, dashboard: bool, reset: bool) -> str:
     index = start_run(config, reset)
     workers = config.ray.workers
     Schedule.of(config, index.num_samples, workers)  # a global batch larger than the data fails here, not in a worker
@@ -127,17 +154,19 @@ def _pretrain(config: Config, dashboard: bool, reset: bool) -> Path:
         check_resources(config.ray, {"CPU": os.cpu_count(), "GPU": torch.cuda.device_count()}, "this machine")
     init_ray(config.ray, dashboard)  # before any `ray` import: it sets the loopback mode Ray reads then
     import ray
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from vitrail.launch.process_group import BoundStoreTorchConfig
 
     if config.ray.address:
         check_resources(config.ray, ray.cluster_resources(), f"the cluster at {config.ray.address}")
+    from vitrail.launch.preflight import check_nodes
+    check_nodes(storage.join(index.folder, INDEX), config.run.dir)
     resources = {"CPU": config.ray.cpus_per_worker}
     if config.ray.gpus_per_worker:
         resources["GPU"] = config.ray.gpus_per_worker
-    run_dir = Path(config.run.dir)
+    run_dir = storage.locate(config.run.dir)
     tree = config.model_dump(mode="json")
     trainer = TorchTrainer(
         _worker_loop,
@@ -145,7 +174,10 @@ def _pretrain(config: Config, dashboard: bool, reset: bool) -> Path:
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.ray.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         torch_config=BoundStoreTorchConfig(backend="nccl" if config.ray.gpus_per_worker else "gloo"),
-        run_config=RunConfig(name="ray", storage_path=str(run_dir), failure_config=FailureConfig(max_failures=config.ray.max_failures),
+        run_config=RunConfig(name="checkpoints", storage_path=run_dir.path,
+                             storage_filesystem=None if storage.is_local(config.run.dir) else run_dir.filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_last),
+                             failure_config=FailureConfig(max_failures=config.ray.max_failures),
                              worker_runtime_env=_worker_runtime_env(config.ray)),
         datasets={"train": partial(_view_dataset, tree, workers)},
         # Ray Train replaces the dataset's execution options with these: they carry the backpressure budget.
@@ -158,7 +190,7 @@ def _pretrain(config: Config, dashboard: bool, reset: bool) -> Path:
         if found is None:
             raise
         raise VitrailError(str(found)) from None
-    return run_dir
+    return config.run.dir
 
 
 def carried_user_error(error: BaseException) -> VitrailError | None:

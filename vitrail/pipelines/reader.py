@@ -1,7 +1,7 @@
 """Stream the samples of one tar shard, surviving truncation and unreadable files.
 
-A shard is read front to back in tarfile's stream mode, so a reader never seeks and a
-shard on slow storage is read once. Members are grouped into samples by key (the member
+A shard (a local file or a URL: `vitrail.storage`) is read front to back in tarfile's stream
+mode, so a reader never seeks and a shard on slow or remote storage is read once. Members are grouped into samples by key (the member
 name up to its first dot). When the file is missing, unreadable or truncated, reading
 stops there: the sample being assembled is dropped, and `lost` tells how many of the
 samples index.json declares for the shard were never yielded, so the caller can count them.
@@ -13,6 +13,8 @@ import logging
 import tarfile
 import zlib
 from typing import Iterator
+
+from vitrail import storage
 
 log = logging.getLogger("vitrail.data")
 
@@ -39,7 +41,7 @@ class ShardStream:
     def __iter__(self) -> Iterator[dict]:
         current: dict | None = None
         try:
-            with tarfile.open(self.path, mode="r|") as tar:
+            with storage.open_input(self.path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue

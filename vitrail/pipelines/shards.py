@@ -9,6 +9,9 @@ Shards are byte-identical across runs (sorted inputs, fixed tar metadata). Writi
 resumable: every finished shard is recorded in `progress.jsonl`; a re-run keeps recorded
 shards whose checksum still matches, rewrites the rest, and writes `index.json` last, so a
 folder with an index is complete and one without it is partial.
+
+A shard folder may be local or a URL (`vitrail.storage`): shards are written to a local temporary
+file and then moved (renamed, or uploaded) to their name.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
+from vitrail import storage
 from vitrail.errors import VitrailError
 from vitrail.pipelines.reader import ShardStream
 
@@ -84,7 +89,7 @@ def listed(problems: list[str]) -> str:
 
 @dataclass(frozen=True)
 class ShardIndex:
-    folder: Path
+    folder: str  # a local path or a URL
     classes: list[str]
     shards: list[dict]  # [{"name", "samples", "sha256"}]
     skipped: int = 0    # input images left out when sharding (unreadable, or undecodable with --decode)
@@ -95,12 +100,12 @@ class ShardIndex:
 
     @property
     def paths(self) -> list[str]:
-        return [str(self.folder / shard["name"]) for shard in self.shards]
+        return [storage.join(self.folder, shard["name"]) for shard in self.shards]
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with storage.open_input(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -112,10 +117,15 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(path: Path, samples: Sequence[Sample], screening: Screening) -> list[str]:
+def _write_shard(path: str, samples: Sequence[Sample], screening: Screening) -> list[str]:
     """Write `samples` to the shard at `path`, leaving out those `screening` refuses or that cannot
     be read; returns why each was left out. No partial file survives an error."""
-    temporary = path.with_suffix(".tar.tmp")
+    if storage.is_local(path):
+        temporary = storage.local_path(path).with_suffix(".tar.tmp")
+    else:
+        handle, temporary = tempfile.mkstemp(suffix=".tar.tmp", prefix="vitrail-shard-")
+        os.close(handle)
+        temporary = Path(temporary)
     problems = []
     try:
         with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -135,25 +145,25 @@ def _write_shard(path: Path, samples: Sequence[Sample], screening: Screening) ->
                 _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
         if problems and screening.strict:
             raise refusal(problems)
-        os.replace(temporary, path)
+        storage.put_file(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
     return problems
 
 
-def _finished_shards(out: Path) -> dict[str, dict]:
+def _finished_shards(out: str) -> dict[str, dict]:
     """Shards a previous run recorded as finished and whose bytes still match."""
-    progress = out / PROGRESS
-    if not progress.exists():
+    progress = storage.join(out, PROGRESS)
+    if not storage.exists(progress):
         return {}
     kept = {}
-    for line in progress.read_text().splitlines():
+    for line in storage.read_text(progress).splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # the line being written when the previous run was killed
-        path = out / record["name"]
-        if path.exists() and sha256_file(path) == record["sha256"]:
+        path = storage.join(out, record["name"])
+        if storage.exists(path) and sha256_file(path) == record["sha256"]:
             kept[record["name"]] = record
     return kept
 
@@ -167,8 +177,8 @@ def write_shards(samples: Sequence[Sample], classes: list[str], out: str | os.Pa
     counted with `listed_problems` (inputs the listing could not use) in index.json's `skipped`;
     with `screening.strict` the first shard holding one stops the run, naming them.
     """
-    out = Path(out)
-    if (out / INDEX).exists():
+    out = storage.absolute(out)
+    if storage.exists(storage.join(out, INDEX)):
         index = read_index(out)
         if index.num_samples + index.skipped != len(samples) + len(listed_problems) or index.classes != classes:
             raise VitrailError(f"{out} already holds a different shard set ({index.num_samples} samples); choose another folder")
@@ -178,58 +188,62 @@ def write_shards(samples: Sequence[Sample], classes: list[str], out: str | os.Pa
         raise VitrailError(f"shard size must be at least 1, got {shard_size}")
     if screening.strict:
         screening.report(list(listed_problems), log)  # stops before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     chunks = [samples[start:start + shard_size] for start in range(0, len(samples), shard_size)]
     names = [f"shard-{number:06d}.tar" for number in range(len(chunks))]
     finished = _finished_shards(out)
     if finished:
         log(f"{out}: partial shard set found, keeping {len(finished)} finished shards of {len(chunks)}")
-    for stale in out.glob("*.tmp"):
-        stale.unlink()
+    if storage.is_local(out):
+        for stale in storage.local_path(out).glob("*.tmp"):
+            stale.unlink()
     todo = [(name, chunk) for name, chunk in zip(names, chunks) if name not in finished]
 
     def finish(name: str, count: int, problems: list[str]) -> None:
-        record = {"name": name, "samples": count - len(problems), "sha256": sha256_file(out / name), "skipped": problems}
+        record = {"name": name, "samples": count - len(problems), "sha256": sha256_file(storage.join(out, name)),
+                  "skipped": problems}
         finished[name] = record
-        with open(out / PROGRESS, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        storage.append_text(storage.join(out, PROGRESS), json.dumps(record) + "\n")
 
     if workers > 1 and len(todo) > 1:
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(workers) as pool:
-            futures = {name: pool.submit(_write_shard, out / name, chunk, screening) for name, chunk in todo}
+            futures = {name: pool.submit(_write_shard, storage.join(out, name), chunk, screening) for name, chunk in todo}
             for (name, chunk) in todo:
                 finish(name, len(chunk), futures[name].result())
     else:
         for name, chunk in todo:
-            finish(name, len(chunk), _write_shard(out / name, chunk, screening))
+            finish(name, len(chunk), _write_shard(storage.join(out, name), chunk, screening))
     problems = [*listed_problems, *(problem for name in names for problem in finished[name].pop("skipped", []))]
     screening.report(problems, log)
     index = {"classes": classes, "num_samples": sum(finished[name]["samples"] for name in names),
              "skipped": len(problems), "shards": [finished[name] for name in names]}
-    (out / INDEX).write_text(json.dumps(index, indent=1) + "\n")
-    (out / PROGRESS).unlink()
+    storage.write_text(storage.join(out, INDEX), json.dumps(index, indent=1) + "\n")
+    storage.delete(storage.join(out, PROGRESS))
     log(f"{out}: wrote {index['num_samples']} samples in {len(names)} shards"
         + (f", {len(problems)} input images skipped (named above)" if problems else ""))
     return read_index(out)
 
 
 def read_index(folder: str | os.PathLike) -> ShardIndex:
-    folder = Path(folder)
-    if not folder.is_dir():
+    folder = storage.absolute(folder)
+    storage.check_readable(folder, "shard directory")
+    if storage.scheme(folder) not in storage.HTTP_SCHEMES and not storage.is_dir(folder):
         raise VitrailError(f"shard directory {folder} does not exist")
-    path = folder / INDEX
-    if not path.exists():
-        hint = " (a partial shard set: re-run `vitrail shard` to finish it)" if (folder / PROGRESS).exists() else ""
+    path = storage.join(folder, INDEX)
+    if not storage.exists(path):
+        partial = storage.is_local(folder) or storage.scheme(folder) in storage.OBJECT_SCHEMES
+        hint = (" (a partial shard set: re-run `vitrail shard` to finish it)"
+                if partial and storage.exists(storage.join(folder, PROGRESS)) else "")
         raise VitrailError(f"shard directory {folder} has no {INDEX}{hint}")
     try:
-        tree = json.loads(path.read_text())
+        tree = json.loads(storage.read_text(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise VitrailError(f"{path} is not a vitrail shard index: {error}") from None
     return validated_index(folder, tree, path)
 
 
-def validated_index(folder: Path, tree, path: Path) -> ShardIndex:
+def validated_index(folder: str, tree, path: str) -> ShardIndex:
     """index.json's contents as a ShardIndex, every field checked: an index is data a user or
     another tool may have written, and a bad field must be named here, not met as a KeyError later."""
     def fail(field: str, expected: str, value) -> VitrailError:
@@ -271,8 +285,8 @@ def verify(folder: str | os.PathLike, screening: Screening = Screening()) -> Sha
     index = read_index(folder)
     problems = []
     for shard in index.shards:
-        path = index.folder / shard["name"]
-        if not path.exists():
+        path = storage.join(index.folder, shard["name"])
+        if not storage.exists(path):
             problems.append(f"{path} is missing")
             continue
         found = sha256_file(path)
@@ -285,7 +299,7 @@ def verify(folder: str | os.PathLike, screening: Screening = Screening()) -> Sha
     return index
 
 
-def _screen_shard(path: Path, declared: int, screening: Screening) -> list[str]:
+def _screen_shard(path: str, declared: int, screening: Screening) -> list[str]:
     """Why each sample of the shard at `path` would be skipped in training, and a count that differs."""
     stream = ShardStream(path, None)
     problems = []
@@ -293,7 +307,7 @@ def _screen_shard(path: Path, declared: int, screening: Screening) -> list[str]:
         image = next((sample[ext] for ext in sorted(READ_EXTENSIONS) if ext in sample), None)
         problem = "no image member" if image is None else screening.problem(image)
         if problem:
-            problems.append(f"{path.name}:{sample['__key__']} ({problem})")
+            problems.append(f"{storage.name(path)}:{sample['__key__']} ({problem})")
     if stream.error is not None:
         problems.append(f"{path} cannot be read whole ({stream.error}) after {stream.read} samples")
     elif stream.read != declared:
@@ -306,15 +320,15 @@ def index_existing(folder: str | os.PathLike, workers: int = 1, log: Callable[[s
     in place: no image is copied. Each shard is read once to count its samples and gather its
     `.cls` labels (integers; classes become "0".."max"); a shard that can't be read whole is
     named in the error, since index.json must declare what the shards hold."""
-    folder = Path(folder)
-    if (folder / INDEX).exists():
+    folder = storage.absolute(folder)
+    if storage.exists(storage.join(folder, INDEX)):
         index = read_index(folder)
         log(f"{folder}: already indexed ({index.num_samples} samples in {len(index.shards)} shards), nothing to do")
         return index
-    if (folder / PROGRESS).exists():
+    if storage.exists(storage.join(folder, PROGRESS)):
         raise VitrailError(f"{folder} is a partial shard set that `vitrail shard` was writing: re-run that command "
                            "to finish it")
-    paths = sorted(folder.glob("*.tar")) if folder.is_dir() else []
+    paths = [storage.join(folder, name) for name in storage.listdir(folder) if name.endswith(".tar")]
     if not paths:
         raise VitrailError(f"{folder} holds no .tar shards to index")
     if workers > 1 and len(paths) > 1:
@@ -330,12 +344,12 @@ def index_existing(folder: str | os.PathLike, workers: int = 1, log: Callable[[s
             "training skips and counts them")
     index = {"classes": [str(label) for label in range(labels + 1)], "num_samples": sum(s["samples"] for s in scans),
              "shards": scans}
-    (folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    storage.write_text(storage.join(folder, INDEX), json.dumps(index, indent=1) + "\n")
     log(f"{folder}: indexed {index['num_samples']} samples in {len(scans)} shards")
     return read_index(folder)
 
 
-def _scan_shard(path: Path) -> dict:
+def _scan_shard(path: str) -> dict:
     stream = ShardStream(path, None)
     max_label, without_image = -1, 0
     for sample in stream:
@@ -349,7 +363,7 @@ def _scan_shard(path: Path) -> dict:
     if stream.error is not None:
         raise VitrailError(f"{path} cannot be read whole ({stream.error}) after {stream.read} samples; "
                            "repair or remove it, then index again")
-    return {"name": path.name, "samples": stream.read, "sha256": sha256_file(path), "max_label": max_label,
+    return {"name": storage.name(path), "samples": stream.read, "sha256": sha256_file(path), "max_label": max_label,
             "without_image": without_image}
 
 
@@ -362,5 +376,5 @@ def shard_fashion_mnist(out: str | os.PathLike, root=None, shard_size: int = 500
     for split in ("train", "test"):
         images, labels = load_fashion_mnist(split, root)
         samples = array_samples(images[:limit], labels[:limit], split)
-        indexes[split] = write_shards(samples, FASHION_MNIST_CLASSES, Path(out) / split, shard_size, workers, log)
+        indexes[split] = write_shards(samples, FASHION_MNIST_CLASSES, storage.join(out, split), shard_size, workers, log)
     return indexes

@@ -18,16 +18,15 @@ a shard whose view task keeps dying (`VIEW_TASK_RETRIES`), each named.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
+from vitrail import storage
 from vitrail.errors import VitrailError
 from vitrail.pipelines.decode import MAX_IMAGE_PIXELS, UndecodableImage, decode
 from vitrail.pipelines.reader import ShardStream
@@ -102,7 +101,7 @@ class ShardRead:
 
 def check_sha256(shard: ShardRead) -> None:
     """Fail, naming the shard, when its bytes are not those index.json recorded (data.verify)."""
-    found = sha256_file(Path(shard.path))
+    found = sha256_file(shard.path)
     if found != shard.sha256:
         raise VitrailError(f"shard {shard.path} has sha256 {found}, index.json says {shard.sha256}: the shard changed "
                            "after indexing; re-run `vitrail shard` (or `vitrail shard index`) on its folder")
@@ -117,7 +116,7 @@ def shard_views(shard: ShardRead, recipe, seed: int, epoch: int, channels: int, 
     truncation (or found beyond the declared count) known. A shard without one decodable image
     yields a single `{"skipped": n, "extra": m}` with no rows, for the caller to carry on.
     """
-    if shard.verify and os.path.exists(shard.path):  # a missing shard is counted as skipped below
+    if shard.verify and storage.exists(shard.path):  # a missing shard is counted as skipped below
         check_sha256(shard)
     stream = ShardStream(shard.path, shard.declared)
     counts, ready, pending = {"skipped": carried, "extra": 0}, None, []
@@ -155,8 +154,7 @@ def epoch_shard_order(shards: list, seed: int, epoch: int) -> list:
 
 
 def _epoch_shards(index: ShardIndex, seed: int, epoch: int, shuffle: bool, verify: bool = False) -> list[ShardRead]:
-    shards = [ShardRead(str(index.folder / shard["name"]), shard["samples"], shard["sha256"], verify)
-              for shard in index.shards]
+    shards = [ShardRead(path, shard["samples"], shard["sha256"], verify) for path, shard in zip(index.paths, index.shards)]
     return epoch_shard_order(shards, seed, epoch) if shuffle else shards
 
 
@@ -228,7 +226,7 @@ def _carry_missing(shards: list[ShardRead]) -> list[dict]:
     by the next present shard, so its count reaches `data/skipped` though no task reads it."""
     rows, missing = [], 0
     for shard in shards:
-        if not os.path.exists(shard.path):
+        if not storage.exists(shard.path):
             log.warning("shard %s is missing: its %d samples are skipped", shard.path, shard.declared)
             missing += shard.declared
             continue
