@@ -32,6 +32,7 @@ demo: install fashion-mnist
 	$(BIN)/vitrail eval knn runs/demo --baselines --resize-size 28
 
 test: install fashion-mnist
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from vitrail.launch.config import load
+from vitrail.config import load
 from vitrail.launch.loop import Trainer
 from vitrail.pipelines.shards import read_index
 from vitrail.pipelines.stream import local_batches

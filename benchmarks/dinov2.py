@@ -23,7 +23,7 @@ import torch
 from methods import knn_top1
 
 from vitrail import ssl
-from vitrail.launch.config import from_dict, load
+from vitrail.config import from_dict, load
 from vitrail.launch.local import pretrain
 from vitrail.launch.loop import Trainer
 from vitrail.pipelines.shards import read_index

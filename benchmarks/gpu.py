@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from views import build_shards  # benchmarks/views.py: the JPEG shards its figures use
 
-from vitrail.launch.config import RaySection, load
+from vitrail.config import load
 from vitrail.launch.loop import Trainer
 from vitrail.pipelines.reader import ShardStream
 from vitrail.pipelines.stream import make_views, ray_dataset
@@ -103,9 +103,9 @@ def measure_step(trainer: Trainer, batch: dict, warmup: int, steps: int) -> dict
 
 def measure_stream(index, recipe) -> float:
     """Images per second of the Ray Data view stream alone, on every CPU of this machine."""
-    from vitrail.launch.train import init_ray
+    from vitrail.cluster import init_ray
 
-    init_ray(RaySection(), dashboard=False)
+    init_ray(dashboard=False)
     import ray
 
     try:

@@ -8,7 +8,7 @@
 (b) the same with 1024-query chunks and a scatter-add of the votes (this project's tuned torch);
 (c) vitrail's `knn_predict` (FAISS IndexFlatIP);
 (d) the same in a fresh process that imports faiss plainly, leaving its bundled OpenBLAS to
-    detect the CPU (what vitrail did before `vitrail.eval.faiss_blas`; on a CPU that OpenBLAS
+    detect the CPU (what vitrail did before `vitrail.faiss_blas`; on a CPU that OpenBLAS
     does not know, its SSE3 'Prescott' kernels).
 All run on the same clustered float32 features with the same number of threads, must give
 identical predictions, and are timed end to end (normalisation, search, votes); the best of
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vitrail.eval.faiss_blas import openblas_kernels
+from vitrail.faiss_blas import openblas_kernels
 from vitrail.eval.knn import knn_predict
 
 
@@ -67,7 +67,7 @@ import json, sys, time
 import faiss  # before vitrail: its OpenBLAS loads as plain `import faiss` leaves it, whatever vitrail sets later
 import torch
 from vitrail.eval import knn
-from vitrail.eval.faiss_blas import openblas_kernels
+from vitrail.faiss_blas import openblas_kernels
 folder, k, temperature, classes, threads, repeats = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 torch.set_num_threads(threads)
 train, labels, test = (torch.load(f"{folder}/{name}.pt") for name in ("train", "labels", "test"))

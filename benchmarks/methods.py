@@ -20,7 +20,7 @@ import torch
 from vitrail import ssl
 from vitrail.eval.features import extract
 from vitrail.eval.knn import knn_classify
-from vitrail.launch.config import load
+from vitrail.config import load
 from vitrail.launch.local import pretrain
 from vitrail.pipelines.shards import read_index
 from vitrail.pipelines.views import EvalTransform

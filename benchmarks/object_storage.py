@@ -40,7 +40,7 @@ def _views_per_second(folder: str, epochs: int) -> tuple[int, float]:
 
 def _save_seconds(run_dir: str, repeats: int) -> list[float]:
     from vitrail import checkpoints
-    from vitrail.launch.config import load
+    from vitrail.config import load
     from vitrail.launch.loop import Trainer
 
     config = load(ROOT / "configs" / "demo.yaml", [f"run.dir={run_dir}"])
@@ -65,13 +65,12 @@ def main(argv=None) -> None:
         os.environ.update(server.environment())  # before Ray starts: its workers inherit them
         server.client().create_bucket(Bucket="bench")
         from vitrail import storage, checkpoints
-        from vitrail.launch.config import RaySection
-        from vitrail.launch.train import init_ray
+        from vitrail.cluster import init_ray
 
         started = time.perf_counter()
         storage.upload_tree(args.shards, "s3://bench/train")
         print(f"uploaded {args.shards} to s3://bench/train in {time.perf_counter() - started:.1f} s")
-        init_ray(RaySection(object_store_mb=1024), dashboard=False)
+        init_ray(object_store_mb=1024, dashboard=False)
         for name, folder in (("local disk", args.shards), ("S3 (moto, 127.0.0.1)", "s3://bench/train")):
             rows, rate = _views_per_second(folder, args.epochs)
             print(f"Ray Data views, {name}: {rows} images, {rate:.0f} images/s")

@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     parser.add_argument("--object-store-mb", type=int, default=256)
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args(argv)
-    from vitrail.launch.train import LOOPBACK_ENV
+    from vitrail.cluster import LOOPBACK_ENV
 
     # Before `ray` is imported: it reads its single-machine (loopback) mode then.
     for key, value in LOOPBACK_ENV.items():

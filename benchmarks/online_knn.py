@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 
-from vitrail.launch.config import load
+from vitrail.config import load
 from vitrail.launch.local import pretrain
 
 

@@ -22,7 +22,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from vitrail.launch.config import load
+from vitrail.config import load
 from vitrail.launch.train import pretrain
 
 LOG_EVERY = 10

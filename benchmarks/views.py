@@ -128,7 +128,7 @@ def vitrail_rate(samples: list[dict], batch_size: int = 64) -> float:
 def ray_rate(index: shards.ShardIndex, cpus: int) -> float:
     import logging
 
-    from vitrail.launch.train import LOOPBACK_ENV
+    from vitrail.cluster import LOOPBACK_ENV
 
     # Before `ray` is imported: it reads its single-machine (loopback) mode then.
     for key, value in LOOPBACK_ENV.items():

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.pipelines.shards import shard_fashion_mnist
 
 # Ray's loopback-only mode is read when `ray` is first imported, so it is set before any test imports it.
@@ -66,10 +66,9 @@ def ray_cluster():
     """A real one-node Ray cluster on 127.0.0.1 (dashboard on 127.0.0.1), shut down afterwards."""
     import ray
 
-    from vitrail.launch.config import RaySection
-    from vitrail.launch.train import init_ray
+    from vitrail.cluster import init_ray
 
-    init_ray(RaySection(object_store_mb=512), dashboard=True)
+    init_ray(object_store_mb=512, dashboard=True)
     assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
     yield ray
     ray.shutdown()

@@ -21,7 +21,7 @@ from torchvision.io import encode_jpeg
 from PIL import Image
 
 from vitrail.errors import VitrailError
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.pipelines import shards
 from vitrail.pipelines.datasets import load_fashion_mnist
 from vitrail.pipelines.decode import UndecodableImage, decode

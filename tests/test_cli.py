@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from vitrail.launch.cli import main, parser
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.local import pretrain
 
 from conftest import tiny_config_tree

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from vitrail.errors import VitrailError
-from vitrail.launch import config as config_module
+from vitrail import config as config_module
 
 from conftest import tiny_config_tree
 

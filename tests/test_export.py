@@ -13,7 +13,7 @@ from vitrail.errors import VitrailError
 from vitrail.eval.checkpoint import open_checkpoint
 from vitrail.eval.features import extract
 from vitrail.launch.cli import main
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.local import pretrain
 from vitrail.launch.loop import Trainer
 from vitrail.pipelines.shards import read_index

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vitrail import checkpoints
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 
 from conftest import tiny_config_tree
 
@@ -29,7 +29,7 @@ def test_driver_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
                             method={"out_dim": 65536, "bottleneck_dim": 128}, optim={"max_steps": 40})
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(tree))
-    code = ("import json, sys; from vitrail.launch.config import from_dict; from vitrail.launch.local import pretrain; "
+    code = ("import json, sys; from vitrail.config import from_dict; from vitrail.launch.local import pretrain; "
             "pretrain(from_dict(json.load(open(sys.argv[1]))), progress=False)")
     process = subprocess.Popen([sys.executable, "-c", code, str(config_path)])
     folder = Path(checkpoints.checkpoint_dir(run_dir))

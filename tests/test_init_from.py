@@ -12,7 +12,7 @@ from vitrail.backbones.vit import resample_pos_embed
 from vitrail.errors import VitrailError
 from vitrail import checkpoints
 from vitrail.launch.cli import main
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.local import pretrain
 from vitrail.launch.loop import Trainer
 from vitrail.pipelines.shards import read_index

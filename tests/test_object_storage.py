@@ -11,7 +11,7 @@ import yaml
 from vitrail import checkpoints, storage
 from vitrail.errors import VitrailError
 from vitrail.launch.cli import main
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.local import pretrain
 from vitrail.launch.tracking import dashboard_command
 from vitrail.pipelines.shards import read_index

@@ -16,7 +16,7 @@ from vitrail.eval.images import MIN_CELL_PIXELS, view_grid
 from vitrail.eval.knn import knn_classify
 from vitrail.eval.online import OnlineMonitor, eval_transform
 from vitrail import checkpoints
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.local import pretrain
 from vitrail.pipelines.shards import read_index
 from vitrail.pipelines.stream import local_batches

@@ -13,7 +13,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from vitrail import backbones, ssl
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.loop import Trainer
 from vitrail.pipelines.shards import read_index
 from vitrail.pipelines.stream import local_batches

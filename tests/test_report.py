@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from vitrail.launch import cli
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.local import pretrain
 
 from conftest import tiny_config_tree

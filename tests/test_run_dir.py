@@ -15,7 +15,7 @@ import yaml
 
 from vitrail.errors import VitrailError
 from vitrail import checkpoints
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.local import pretrain
 
 from conftest import tiny_config_tree

@@ -193,7 +193,7 @@ def test_shards_written_by_webdataset_are_indexed_in_place_and_trained_on(tmp_pa
     import webdataset as wds
 
     from vitrail.launch.cli import main
-    from vitrail.launch.config import from_dict
+    from vitrail.config import from_dict
     from vitrail.launch.local import pretrain
     from vitrail.pipelines.stream import local_batches
     from vitrail.pipelines.views import MultiCrop

@@ -15,7 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vitrail.errors import VitrailError
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.local import pretrain
 from vitrail.launch.tracking import Tracker, dashboard_command, read_offline_history
 

@@ -5,7 +5,7 @@ import json
 import torch
 
 from vitrail import checkpoints
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.loop import Trainer
 from vitrail.launch.train import pretrain
 from vitrail.pipelines.shards import read_index

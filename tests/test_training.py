@@ -9,7 +9,7 @@ import torch
 from vitrail import ssl
 from vitrail.errors import VitrailError
 from vitrail import checkpoints
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.local import pretrain
 
 from conftest import resumed_trainer, tiny_config_tree

@@ -5,11 +5,11 @@ import os
 import subprocess
 import sys
 
-from vitrail.eval.faiss_blas import openblas_coretype
+from vitrail.faiss_blas import openblas_coretype
 
 PROBE = """
 import json, os
-from vitrail.eval.faiss_blas import openblas_kernels
+from vitrail.faiss_blas import openblas_kernels
 print(json.dumps({"architecture": openblas_kernels(), "env": os.environ.get("OPENBLAS_CORETYPE")}))
 """
 

@@ -10,7 +10,7 @@ from vitrail import backbones
 from vitrail.errors import VitrailError
 from vitrail.eval.checkpoint import open_checkpoint
 from vitrail.launch.cli import main
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.loop import Trainer
 from vitrail.pipelines.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from vitrail.pipelines.shards import write_shards

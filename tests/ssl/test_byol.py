@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vitrail import checkpoints
-from vitrail.launch.config import from_dict, load
+from vitrail.config import from_dict, load
 from vitrail.launch.local import pretrain
 from vitrail.pipelines.views import Views
 from vitrail.ssl.byol import BYOL, BYOLConfig, regression_loss

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vitrail import ssl
-from vitrail.launch.config import from_dict, load
+from vitrail.config import from_dict, load
 from vitrail.launch.loop import Trainer
 from vitrail.pipelines.shards import read_index
 from vitrail.pipelines.stream import local_batches

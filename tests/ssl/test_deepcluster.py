@@ -9,7 +9,7 @@ import torch
 
 from vitrail.errors import VitrailError
 from vitrail import checkpoints
-from vitrail.launch.config import from_dict, load
+from vitrail.config import from_dict, load
 from vitrail.launch.local import pretrain
 from vitrail.pipelines.views import Views, key_ids
 from vitrail.ssl.deepcluster import DeepCluster, DeepClusterConfig, pca_whiten

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vitrail.errors import VitrailError
-from vitrail.launch.config import from_dict, load
+from vitrail.config import from_dict, load
 from vitrail.launch.local import pretrain
 from vitrail.pipelines.views import Views
 from vitrail.ssl.dinov2 import DINOv2, DINOv2Config, KoLeoLoss, sinkhorn_knopp

@@ -6,7 +6,7 @@ import torch
 
 from vitrail.errors import VitrailError
 from vitrail import checkpoints
-from vitrail.launch.config import from_dict, load
+from vitrail.config import from_dict, load
 from vitrail.launch.local import pretrain
 from vitrail.pipelines.views import BlockMasking, Views
 from vitrail.ssl.ibot import IBOT, IBOTConfig, MaskedPatchLoss

@@ -7,7 +7,7 @@ RotNet's rotations. iBOT and BYOL train on multi-crop views, as DINO."""
 import json
 
 from vitrail import checkpoints
-from vitrail.launch.config import from_dict
+from vitrail.config import from_dict
 from vitrail.launch.train import pretrain
 
 import test_deepcluster

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vitrail import checkpoints
-from vitrail.launch.config import from_dict, load
+from vitrail.config import from_dict, load
 from vitrail.launch.local import pretrain
 from vitrail.pipelines.views import Normalization, Rotations
 from vitrail.ssl.rotnet import rotation_loss

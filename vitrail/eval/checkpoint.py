@@ -28,7 +28,7 @@ from torch import nn
 from vitrail import backbones, checkpoints, ssl, storage
 from vitrail.backbones.weights import fit
 from vitrail.errors import VitrailError
-from vitrail.launch.config import Config, DataSection, from_dict
+from vitrail.config import Config, DataSection, from_dict
 
 _WRAPPER_KEYS = ("teacher", "state_dict")  # DINO's training checkpoint, iBOT's released backbones
 _PREFIXES = ("module.", "backbone.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vitrail.cluster import init_ray
 from vitrail.pipelines.decode import MAX_IMAGE_PIXELS
 from vitrail.pipelines.shards import ShardIndex
 
@@ -28,10 +29,7 @@ def ray_feature_batches(backbone, index: ShardIndex, transform, normalization, w
     Uses the running Ray cluster, or starts one on 127.0.0.1 (shut down afterwards). Each task
     returns its group's features whole, so the driver holds one group at a time.
     """
-    from vitrail.launch.config import RaySection
-    from vitrail.launch.train import init_ray
-
-    started = init_ray(RaySection(), dashboard=False)
+    started = init_ray(dashboard=False)
     import ray
 
     try:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vitrail.errors import VitrailError
-from vitrail.eval.faiss_blas import faiss
+from vitrail.faiss_blas import faiss
 
 ROW_BYTES_PER_DIM = 4  # a float32 copy per feature value: see `normalized_rows`
 

@@ -32,7 +32,7 @@ def _shard(args) -> None:
 
 
 def _pretrain(args) -> None:
-    from vitrail.launch import config as config_module
+    from vitrail import config as config_module
 
     overrides = list(args.overrides)
     for flag, key in (("workers", "ray.workers"), ("gpus_per_worker", "ray.gpus_per_worker"),
@@ -89,7 +89,7 @@ def _cluster(args) -> None:
 
 
 def _submit(args) -> None:
-    from vitrail.launch import config as config_module
+    from vitrail import config as config_module
     from vitrail.launch import submit
 
     config = config_module.load(args.config, args.overrides)

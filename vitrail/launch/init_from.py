@@ -23,7 +23,7 @@ from vitrail.backbones.weights import fit
 from vitrail.errors import VitrailError
 from vitrail.eval.checkpoint import backbone_weights, is_vitrail_checkpoint, load_state, vitrail_checkpoint
 from vitrail import checkpoints
-from vitrail.launch.config import Config
+from vitrail.config import Config
 
 log = logging.getLogger("vitrail.init")
 _LENIENT = "; set model.init_strict=false to load the keys that fit and log the others"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vitrail.launch.config import Config
+from vitrail.config import Config
 from vitrail.launch.lock import run_dir_lock
 from vitrail.launch.loop import Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker

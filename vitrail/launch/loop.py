@@ -22,7 +22,7 @@ from vitrail.eval.features import extract
 from vitrail.eval.online import OnlineMonitor
 from vitrail import checkpoints, storage
 from vitrail.launch import resume, sync_batchnorm
-from vitrail.launch.config import Config
+from vitrail.config import Config
 from vitrail.launch.init_from import initialise
 from vitrail.precision import autocast, float32_norms, uses_bf16
 from vitrail.pipelines.shards import ShardIndex, read_index

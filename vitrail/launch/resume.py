@@ -12,7 +12,7 @@ import time
 
 from vitrail.errors import VitrailError
 from vitrail import checkpoints, storage
-from vitrail.launch.config import Config, from_dict
+from vitrail.config import Config, from_dict
 from vitrail.launch.lock import LOCK
 
 FIXED_SECTIONS = ("model", "method")

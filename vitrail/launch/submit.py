@@ -26,7 +26,7 @@ import vitrail
 from vitrail.errors import VitrailError
 
 if TYPE_CHECKING:  # the training modules pull in torch: `vitrail shard` and `jobs` start faster without them
-    from vitrail.launch.config import Config
+    from vitrail.config import Config
 
 LOCAL_ADDRESS = "http://127.0.0.1:8265"
 
@@ -76,7 +76,7 @@ def cluster_up(num_cpus: int | None = None, dashboard_port: int = 8265) -> str:
                            f"stop it with `vitrail cluster down --dashboard-port {dashboard_port}`")
     folder = cluster_dir(dashboard_port)
     folder.mkdir(parents=True, exist_ok=True)
-    from vitrail.launch.train import LOOPBACK_ENV
+    from vitrail.cluster import LOOPBACK_ENV
 
     env = {**os.environ, **LOOPBACK_ENV}
     command = _ray_command("start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
@@ -140,7 +140,7 @@ def submit(config: Config, address: str = LOCAL_ADDRESS, evaluate: bool = True) 
     """Submit `config` as a Ray Job that pretrains (then runs the k-NN eval when eval shards are set)."""
     from vitrail.launch.lock import check_free
     from vitrail.launch.loop import absolute_paths
-    from vitrail.launch.train import LOOPBACK_ENV
+    from vitrail.cluster import LOOPBACK_ENV
 
     absolute_paths(config)  # the job runs in a scratch working dir
     check_free(config.run.dir)  # the job's `pretrain` takes the lock; a run holding it fails the submission now

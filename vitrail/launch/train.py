@@ -20,39 +20,13 @@ import torch
 
 from vitrail import checkpoints, storage
 from vitrail.errors import VitrailError
-from vitrail.launch.config import Config, RaySection, from_dict
+from vitrail.cluster import LOOPBACK_ENV, init_ray
+from vitrail.config import Config, RaySection, from_dict
 from vitrail.launch.lock import run_dir_lock
 from vitrail.launch.loop import Schedule, Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker
 from vitrail.pipelines.shards import INDEX, read_index
 from vitrail.pipelines.stream import ingest_options, ray_dataset, without_carriers
-
-# Single-machine runs stay on loopback: Ray's single-machine mode (else Ray swaps 127.0.0.1 for the
-# outward address; read when `ray` is first imported), and torch.distributed's own store and sockets.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
-
-
-def init_ray(settings: RaySection, dashboard: bool = True) -> bool:
-    """Connect to `settings.address`, or start a one-node cluster bound to 127.0.0.1; False when
-    Ray was already initialised in this process. Call it before importing `ray` elsewhere."""
-    if not settings.address:
-        for key, value in LOOPBACK_ENV.items():
-            os.environ.setdefault(key, value)
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if settings.address:
-        ray.init(address=settings.address, logging_level="WARNING")
-        return True
-    object_store = settings.object_store_mb * 2**20 if settings.object_store_mb else None
-    ray.init(
-        num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1", object_store_memory=object_store, logging_level="WARNING",
-        runtime_env={"env_vars": dict(LOOPBACK_ENV)},
-    )
-    return True
-
 
 def _worker_loop(loop_config: dict) -> None:
     import ray.train
@@ -152,7 +126,7 @@ def _pretrain(config: Config, dashboard: bool, reset: bool) -> str:
     Schedule.of(config, index.num_samples, workers)  # a global batch larger than the data fails here, not in a worker
     if not config.ray.address:
         check_resources(config.ray, {"CPU": os.cpu_count(), "GPU": torch.cuda.device_count()}, "this machine")
-    init_ray(config.ray, dashboard)  # before any `ray` import: it sets the loopback mode Ray reads then
+    init_ray(config.ray.address, config.ray.object_store_mb, dashboard)  # before any `ray` import: it sets the loopback mode Ray reads then
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -24,7 +24,7 @@ from torch import nn
 
 from vitrail import backbones
 from vitrail.errors import VitrailError
-from vitrail.eval.faiss_blas import faiss
+from vitrail.faiss_blas import faiss
 from vitrail.pipelines.views import EvalTransform, SingleCrop, Views, key_ids, sample_generator
 from vitrail.ssl.base import FeaturesOf, Method
 from vitrail.ssl.optim import OptimizerRecipe

@@ -1,4 +1,4 @@
-"""FAISS, imported with its bundled OpenBLAS on this CPU's vector kernels: `from vitrail.eval.faiss_blas import faiss`.
+"""FAISS, imported with its bundled OpenBLAS on this CPU's vector kernels: `from vitrail.faiss_blas import faiss`.
 
 faiss-cpu wheels bundle their own OpenBLAS (0.3.15 in faiss-cpu 1.15), older than many CPUs it
 now runs on. On a core it does not know (Intel's Emerald Rapids, for one) it falls back to its
