@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vitrail.errors import VitrailError
@@ -127,3 +128,19 @@ def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_one_resumed(
         path.write_bytes(b"")
     with pytest.raises(VitrailError, match=r"no checkpoint in .* loads: cannot load checkpoint .*step-00000008/state.pt"):
         pretrain(from_dict(tree), progress=False)
+
+
+def test_checkpoints_in_the_earlier_layout_stop_the_run_instead_of_restarting_it(tmp_path):
+    """A run dir from before one folder per checkpoint is not read as empty (a resume from step 0)."""
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"step": 8}, folder / "step-00000008.pt")
+    with pytest.raises(VitrailError) as error:
+        checkpoints.latest_step(tmp_path / "run")
+    message = str(error.value)
+    assert "earlier layout (step-00000008.pt)" in message
+    assert f"mkdir step-00000008 && mv step-00000008.pt step-00000008/{checkpoints.STATE}" in message
+    # The command in the message makes the run resumable.
+    (folder / "step-00000008").mkdir()
+    (folder / "step-00000008.pt").rename(folder / "step-00000008" / checkpoints.STATE)
+    assert checkpoints.latest_step(tmp_path / "run") == 8

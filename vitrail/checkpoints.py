@@ -27,6 +27,7 @@ from vitrail.errors import VitrailError
 
 STATE = "state.pt"
 _NAME = re.compile(r"^step-(\d{8})$")
+_BEFORE_FOLDERS = re.compile(r"^step-(\d{8})\.pt$")  # vitrail's layout before one folder per checkpoint
 log = logging.getLogger("vitrail.run")
 
 
@@ -41,7 +42,14 @@ def folder_name(step: int) -> str:
 def list_checkpoints(run_dir: str | Path) -> list[str]:
     """The state files of the run's checkpoints, oldest first."""
     folder = checkpoint_dir(run_dir)
-    found = (storage.join(folder, name, STATE) for name in storage.listdir(folder) if _NAME.match(name))
+    names = storage.listdir(folder)
+    old = [name for name in names if _BEFORE_FOLDERS.match(name)]
+    if old:
+        # Not read silently as "no checkpoint": the run would start again from step 0.
+        moves = "; ".join(f"mkdir {name[:-3]} && mv {name} {name[:-3]}/{STATE}" for name in old)
+        raise VitrailError(f"{folder} holds checkpoints in vitrail's earlier layout ({', '.join(old)}); each now "
+                           f"lives in its own folder: in {folder}, run {moves}; then resume")
+    found = (storage.join(folder, name, STATE) for name in names if _NAME.match(name))
     return [state for state in found if storage.exists(state)]
 
 
