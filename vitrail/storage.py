@@ -197,14 +197,32 @@ def listdir(url: str | os.PathLike) -> list[str]:
     return sorted(info.base_name for info in found)
 
 
+def list_files(url: str | os.PathLike) -> list[str]:
+    """Every file under the folder `url`, at any depth, as sorted '/'-joined paths relative to it; [] when
+    it does not exist."""
+    import pyarrow.fs as pafs
+
+    where = locate(url)
+    if not where.writable:
+        raise VitrailError(f"{url}: an http(s) folder cannot be listed")
+    try:
+        found = where.filesystem.get_file_info(pafs.FileSelector(where.path, recursive=True, allow_not_found=True))
+    except OSError as error:
+        raise VitrailError(f"cannot list {url}: {one_line(error)}") from None
+    return sorted(info.path[len(where.path.rstrip("/")) + 1:] for info in found if info.type == pafs.FileType.File)
+
+
 def open_input(url: str | os.PathLike):
     """A binary stream of the file; FileNotFoundError (an OSError) when it is missing."""
     import pyarrow.fs as pafs
 
     where = locate(url)
-    if where.writable and where.filesystem.get_file_info(where.path).type == pafs.FileType.NotFound:
+    if not where.writable:
+        return where.filesystem.open_input_stream(where.path)
+    if where.filesystem.get_file_info(where.path).type == pafs.FileType.NotFound:
         raise FileNotFoundError(2, "no such file", str(url))  # pyarrow's own error says less
-    return where.filesystem.open_input_stream(where.path)
+    # pyarrow would decompress a .gz (and compress one written) by its name: files travel as stored.
+    return where.filesystem.open_input_stream(where.path, compression=None)
 
 
 def read_bytes(url: str | os.PathLike) -> bytes:
@@ -240,7 +258,7 @@ def write_bytes(url: str | os.PathLike, data: bytes) -> None:
         return
     where = _writable(url)
     try:
-        with where.filesystem.open_output_stream(where.path) as stream:
+        with where.filesystem.open_output_stream(where.path, compression=None) as stream:
             stream.write(data)
     except OSError as error:
         raise VitrailError(f"cannot write {url}: {one_line(error)}") from None
@@ -266,7 +284,7 @@ def put_file(local: str | os.PathLike, url: str | os.PathLike) -> None:
         return
     where = _writable(url)
     try:
-        with open(local, "rb") as source, where.filesystem.open_output_stream(where.path) as stream:
+        with open(local, "rb") as source, where.filesystem.open_output_stream(where.path, compression=None) as stream:
             shutil.copyfileobj(source, stream, 1 << 22)
     except OSError as error:
         raise VitrailError(f"cannot write {url}: {one_line(error)}") from None

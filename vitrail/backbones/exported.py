@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save
 from torch import nn
 
-from vitrail import backbones
+from vitrail import backbones, storage
 from vitrail.backbones import timm_layout
 from vitrail.errors import VitrailError
 
@@ -29,8 +29,8 @@ FORMATS = ("timm", "torch")
 
 
 def export(backbone: nn.Module, folder: str | Path, fmt: str, image_size: int, mean: list[float], std: list[float],
-           provenance: dict) -> Path:
-    """Write `backbone` (built by `backbones.create`) to `folder` in format `fmt`; returns the folder.
+           provenance: dict) -> str:
+    """Write `backbone` (built by `backbones.create`) to `folder` (a path or URL) in format `fmt`; returns the folder.
 
     `image_size`, `mean`, `std`: the inputs its features are evaluated on (timm's pretrained_cfg).
     """
@@ -65,10 +65,9 @@ def export(backbone: nn.Module, folder: str | Path, fmt: str, image_size: int, m
         }
     config["vitrail"] = {"backbone": backbone.registry_name, "kwargs": kwargs, "embed_dim": backbone.embed_dim,
                          "format": fmt, **provenance}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    folder = str(folder)
+    storage.write_bytes(storage.join(folder, WEIGHTS_FILE), save(weights, metadata={"format": "pt"}))
+    storage.write_text(storage.join(folder, CONFIG_FILE), json.dumps(config, indent=2) + "\n")
     return folder
 
 
@@ -95,10 +94,10 @@ def load_exported(folder: str | Path) -> nn.Module:
 
 
 def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
-    file = Path(file)
-    if not file.is_file():
+    """The tensors of a local file (mapped, not copied) or a URL."""
+    if not storage.exists(file) or storage.is_dir(file):
         raise VitrailError(f"{file} does not exist")
     try:
-        return load_file(str(file))
+        return load_file(str(storage.local_path(file))) if storage.is_local(file) else load(storage.read_bytes(file))
     except (SafetensorError, OSError, ValueError) as error:
         raise VitrailError(f"cannot read {file} as safetensors (truncated or another format): {error}") from None

@@ -175,13 +175,15 @@ def parser() -> argparse.ArgumentParser:
                        ("list", "the images a file list names to OUT")):
         sub = sources.add_parser(name, help=text, description=text)
         if name == "folder":
-            sub.add_argument("src", help="folder of class sub-folders holding images (jpg, png, webp, bmp, ppm)")
+            sub.add_argument("src", help="folder of class sub-folders holding images (jpg, png, webp, bmp, ppm): a path, "
+                             "file://, s3:// or gs://")
         elif name == "list":
             sub.add_argument("src", help="text or CSV file, one `path` or `path<TAB or comma>label` per line; "
-                             "relative paths are resolved against the file's folder")
+                             "relative paths are resolved against the file's folder; the file and its paths may be "
+                             "URLs (file://, s3://, gs://, http(s)://)")
         else:
-            sub.add_argument("--root", default=None, help="folder holding the idx files (default: $VITRAIL_DATA, "
-                             "then /usr/share/datasets/fashion-mnist)")
+            sub.add_argument("--root", default=None, help="folder holding the idx files, a path or URL (default: "
+                             "$VITRAIL_DATA, then /usr/share/datasets/fashion-mnist)")
         sub.add_argument("out", help="output shard folder")
         sub.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
         sub.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")

@@ -14,9 +14,9 @@ from vitrail.eval.checkpoint import Checkpoint, is_vitrail_checkpoint, load_stat
 _SPLITS = ("train", "val", "test")
 
 
-def export_run(path: str | Path, out: str | Path, which: str | None = None, fmt: str = "timm") -> Path:
+def export_run(path: str | Path, out: str | Path, which: str | None = None, fmt: str = "timm") -> str:
     """Export the `which` backbone ("teacher" / "student"; default the one vitrail evaluates) of the
-    run dir or checkpoint `path` to the folder `out`."""
+    run dir or checkpoint `path` to the folder `out` (a path or URL)."""
     file, state = load_state(path)
     if not is_vitrail_checkpoint(state):
         raise VitrailError(f"{file} is not a vitrail checkpoint (it stores no config): `vitrail export` takes a run "

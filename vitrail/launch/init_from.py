@@ -14,7 +14,6 @@ does. A resumed run never comes here: its checkpoint holds everything.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from torch import nn
 
@@ -22,7 +21,7 @@ from vitrail.backbones.exported import WEIGHTS_FILE, read_safetensors
 from vitrail.backbones.weights import fit
 from vitrail.errors import VitrailError
 from vitrail.eval.checkpoint import backbone_weights, is_vitrail_checkpoint, load_state, vitrail_checkpoint
-from vitrail import checkpoints
+from vitrail import checkpoints, storage
 from vitrail.config import Config
 
 log = logging.getLogger("vitrail.init")
@@ -33,7 +32,7 @@ def initialise(method: nn.Module, config: Config) -> None:
     """Load `config.model.init_from` into the method's student and teacher backbones (and heads)."""
     model = config.model
     try:
-        weights, run_state = _read(Path(model.init_from))
+        weights, run_state = _read(str(model.init_from))
     except VitrailError as error:
         raise VitrailError(f"model.init_from: {error}") from None
     student, teacher = method.backbone_pair()
@@ -48,13 +47,15 @@ def initialise(method: nn.Module, config: Config) -> None:
     log.info("student and teacher backbones start from %s (%d keys skipped)", model.init_from, len(skipped))
 
 
-def _read(path: Path) -> tuple[dict, dict | None]:
-    """(backbone weights under the backbone's key names, the vitrail checkpoint they came from or None)."""
-    if not path.exists():
+def _read(path: str) -> tuple[dict, dict | None]:
+    """(backbone weights under the backbone's key names, the vitrail checkpoint they came from or None);
+    `path` is local or a URL."""
+    if not storage.exists(path):
         raise VitrailError(f"{path} does not exist")
-    if path.is_dir() and (path / WEIGHTS_FILE).is_file() and not checkpoints.list_checkpoints(path):
-        path = path / WEIGHTS_FILE  # an export folder
-    if path.suffix == ".safetensors":
+    weights_file = storage.join(path, WEIGHTS_FILE)
+    if storage.is_dir(path) and storage.exists(weights_file) and not checkpoints.list_checkpoints(path):
+        path = weights_file  # an export folder
+    if path.endswith(".safetensors"):
         return backbone_weights(read_safetensors(path), path), None
     file, state = load_state(path)
     if is_vitrail_checkpoint(state):

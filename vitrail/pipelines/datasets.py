@@ -1,13 +1,13 @@
-"""Built-in datasets, read from local files only (nothing is downloaded at run time)."""
+"""Built-in datasets, read from files the user has (a local folder or a storage URL): nothing is downloaded
+from the internet at run time."""
 
 from __future__ import annotations
 
 import gzip
 import os
-from pathlib import Path
-
 import numpy as np
 
+from vitrail import storage
 from vitrail.errors import VitrailError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -18,13 +18,13 @@ FASHION_MNIST_CLASSES = [
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 
 
-def fashion_mnist_root(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the Fashion-MNIST idx files: `root`, else $VITRAIL_DATA, else Debian's."""
+def fashion_mnist_root(root: str | os.PathLike | None = None) -> str:
+    """The folder (a path or URL) holding the Fashion-MNIST idx files: `root`, else $VITRAIL_DATA, else Debian's."""
     candidates = [root] if root else [os.environ.get("VITRAIL_DATA"), *FASHION_MNIST_DIRS]
     for candidate in filter(None, candidates):
-        path = Path(candidate)
-        if (path / "train-images-idx3-ubyte.gz").exists() or (path / "train-images-idx3-ubyte").exists():
-            return path
+        if any(storage.exists(storage.join(candidate, name)) for name in ("train-images-idx3-ubyte.gz",
+                                                                         "train-images-idx3-ubyte")):
+            return str(candidate)
     raise VitrailError(
         f"Fashion-MNIST idx files not found in {', '.join(str(c) for c in filter(None, candidates))}; "
         "install Debian's dataset-fashion-mnist or set VITRAIL_DATA to the folder holding "
@@ -32,13 +32,12 @@ def fashion_mnist_root(root: str | os.PathLike | None = None) -> Path:
     )
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    if not path.exists() and path.with_suffix("").exists():
-        path = path.with_suffix("")
-    opener = gzip.open if path.suffix == ".gz" else open
+def _read_idx(path: str) -> np.ndarray:
+    if not storage.exists(path) and storage.exists(path.removesuffix(".gz")):
+        path = path.removesuffix(".gz")
     try:
-        with opener(path, "rb") as handle:
-            data = handle.read()
+        data = storage.read_bytes(path)
+        data = gzip.decompress(data) if path.endswith(".gz") else data
     except OSError as error:
         raise VitrailError(f"cannot read idx file {path}: {error}") from error
     # idx header: two zero bytes, a dtype code (0x08 = uint8), the rank, then one big-endian int32 per dim.
@@ -58,8 +57,8 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> tup
         raise VitrailError(f"unknown Fashion-MNIST split {split!r}; expected 'train' or 'test'")
     folder = fashion_mnist_root(root)
     prefix = _SPLIT_PREFIX[split]
-    images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
-    labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    images = _read_idx(storage.join(folder, f"{prefix}-images-idx3-ubyte.gz"))
+    labels = _read_idx(storage.join(folder, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
     if len(images) != len(labels):
         raise VitrailError(f"Fashion-MNIST {split} in {folder}: {len(images)} images but {len(labels)} labels")
     return images, labels
