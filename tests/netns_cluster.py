@@ -2,9 +2,10 @@
 
 The head runs in this network namespace on a bridge of its own (10.213.0.1); each worker node runs
 in its own network namespace (a veth on the bridge, 10.213.0.2, .3, ...) and its own mount
-namespace with a fresh tmpfs over /tmp, so the head's temp folders (pytest's tmp_path among them)
-do not exist there. Ray sees three machines: it gives every node its own address, and traffic goes
-only to these test hosts. Everything is removed afterwards, also when a step fails.
+namespace with a fresh tmpfs over the folder the caller hides (pytest's base temp folder, where
+every tmp_path lives), so the head's data and run dirs do not exist there. Only that folder: the
+python and the checkout a node runs may themselves live under /tmp (a CI clone). Ray sees three
+machines: it gives every node its own address, and traffic goes only to these test hosts. Everything is removed afterwards, also when a step fails.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def network(workers: int = 2):
 
 
 @contextmanager
-def ray_cluster(namespaces: list[str], environment: dict[str, str], cpus_per_worker: int = 2, hidden: str = "/tmp"):
+def ray_cluster(namespaces: list[str], environment: dict[str, str], hidden: str, cpus_per_worker: int = 2):
     """A head on HEAD_IP (no CPUs: it runs drivers, not tasks) and a worker node in each namespace,
     each in a mount namespace of its own with a tmpfs over `hidden`; `environment` goes to every node
     (the storage credentials a real node has in its own environment). Yields (cluster, the env a
@@ -157,10 +158,13 @@ def ray_cluster(namespaces: list[str], environment: dict[str, str], cpus_per_wor
         _wait_for_nodes(cluster.address, 1, env)
         for number, namespace in enumerate(namespaces, start=2):
             ip = f"{SUBNET}.{number}"
-            # A private mount namespace: the tmpfs over `hidden` exists for this node only.
+            # A private mount namespace: the tmpfs over `hidden` exists for this node only. Its Ray
+            # session files go to a folder of its own, outside `hidden`.
+            node_dir = Path(f"/tmp/vt{os.getpid() % 100000}-{namespace}")
+            cleanup.callback(lambda folder=node_dir: subprocess.run(["rm", "-rf", str(folder)]))
             script = (f"mount --make-rprivate / && mount -t tmpfs tmpfs {hidden} && exec {RAY} start --block "
                       f"--address={cluster.address} --node-ip-address={ip} --num-cpus={cpus_per_worker} "
-                      f"--temp-dir={hidden}/ray --object-store-memory={OBJECT_STORE_BYTES} --disable-usage-stats")
+                      f"--temp-dir={node_dir} --object-store-memory={OBJECT_STORE_BYTES} --disable-usage-stats")
             process = subprocess.Popen(["ip", "netns", "exec", namespace, "unshare", "-m", "sh", "-c", script],
                                        env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)

@@ -21,10 +21,10 @@ from object_storage import s3_server
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     with network(workers=2) as namespaces, s3_server(host=HEAD_IP) as server:
         server.client().create_bucket(Bucket="vitrail")
-        with ray_cluster(namespaces, server.environment()) as (nodes, env):
+        with ray_cluster(namespaces, server.environment(), hidden=str(tmp_path_factory.getbasetemp())) as (nodes, env):
             yield nodes, env, server
 
 
