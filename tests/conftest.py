@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vitrail.config import from_dict
-from vitrail.pipelines.shards import shard_fashion_mnist
+from vitrail.pipelines.sources import shard_fashion_mnist
 
 # Ray's loopback-only mode is read when `ray` is first imported, so it is set before any test imports it.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from vitrail.errors import VitrailError
 
 OBJECT_SCHEMES = ("s3", "gs")
@@ -86,7 +88,6 @@ class _Http:
             raise OSError(f"{url}: HTTP {error.code} {error.reason}") from None
 
     def get_file_info(self, url: str):
-        import pyarrow.fs as pafs
 
         request = urllib.request.Request(url, method="HEAD")
         try:
@@ -122,7 +123,6 @@ def _filesystem(kind: str, bucket: str):
 
 @lru_cache(maxsize=None)
 def _cached_filesystem(kind: str, bucket: str, settings: tuple):
-    import pyarrow.fs as pafs
 
     if kind == "s3":
         environ = dict(zip(_AWS_SETTINGS, settings))
@@ -166,13 +166,11 @@ def one_line(error: BaseException) -> str:
 
 
 def exists(url: str | os.PathLike) -> bool:
-    import pyarrow.fs as pafs
     return _info(url).type != pafs.FileType.NotFound
 
 
 def is_dir(url: str | os.PathLike) -> bool:
     """A folder, or on an object store a prefix holding objects (an empty "folder" does not exist there)."""
-    import pyarrow.fs as pafs
     if scheme(url) in HTTP_SCHEMES:
         return False  # a web server has no folders to ask about: its files are asked for by name
     return _info(url).type == pafs.FileType.Directory
@@ -185,7 +183,6 @@ def size_and_mtime(url: str | os.PathLike) -> tuple[int, int]:
 
 def listdir(url: str | os.PathLike) -> list[str]:
     """Names of the entries directly in the folder `url`, sorted; [] when it does not exist."""
-    import pyarrow.fs as pafs
 
     where = locate(url)
     if not where.writable:
@@ -200,7 +197,6 @@ def listdir(url: str | os.PathLike) -> list[str]:
 def list_files(url: str | os.PathLike) -> list[str]:
     """Every file under the folder `url`, at any depth, as sorted '/'-joined paths relative to it; [] when
     it does not exist."""
-    import pyarrow.fs as pafs
 
     where = locate(url)
     if not where.writable:
@@ -214,7 +210,6 @@ def list_files(url: str | os.PathLike) -> list[str]:
 
 def open_input(url: str | os.PathLike):
     """A binary stream of the file; FileNotFoundError (an OSError) when it is missing."""
-    import pyarrow.fs as pafs
 
     where = locate(url)
     if not where.writable:
@@ -293,7 +288,6 @@ def put_file(local: str | os.PathLike, url: str | os.PathLike) -> None:
 
 def delete(url: str | os.PathLike) -> None:
     """Delete a file, or a folder with everything in it; nothing when it is absent."""
-    import pyarrow.fs as pafs
 
     where = _writable(url)
     kind = where.filesystem.get_file_info(where.path).type
@@ -308,7 +302,6 @@ def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
     if is_local(source):
         os.replace(local_path(source), local_path(target))
         return
-    import pyarrow.fs as pafs
 
     where, to = _writable(source), _writable(target)
     if where.filesystem.get_file_info(where.path).type == pafs.FileType.File:
@@ -320,7 +313,6 @@ def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
 
 def upload_tree(local: str | os.PathLike, url: str | os.PathLike) -> None:
     """Copy the local folder `local` into `url`, replacing files of the same names."""
-    import pyarrow.fs as pafs
 
     to = _writable(url)
     pafs.copy_files(str(Path(local).absolute()), to.path, source_filesystem=pafs.LocalFileSystem(),
@@ -329,7 +321,6 @@ def upload_tree(local: str | os.PathLike, url: str | os.PathLike) -> None:
 
 def download_tree(url: str | os.PathLike, local: str | os.PathLike) -> None:
     """Copy the folder `url` into the local folder `local` (nothing when it does not exist)."""
-    import pyarrow.fs as pafs
 
     if not is_dir(url):
         return
@@ -341,7 +332,6 @@ def download_tree(url: str | os.PathLike, local: str | os.PathLike) -> None:
 
 def check_readable(url: str | os.PathLike, what: str) -> None:
     """Fail now, naming `url`, when it cannot be read: a bad scheme, a missing bucket, refused credentials."""
-    import pyarrow.fs as pafs
 
     if scheme(url) in HTTP_SCHEMES:
         return  # a web server's folders need not answer: the files in them are asked for by name

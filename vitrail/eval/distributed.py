@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from vitrail.cluster import init_ray
+from vitrail.eval.features import extract
 from vitrail.pipelines.decode import MAX_IMAGE_PIXELS
 from vitrail.pipelines.shards import ShardIndex
 
@@ -50,8 +51,6 @@ def ray_feature_batches(backbone, index: ShardIndex, transform, normalization, w
 
 
 def _extract_group(backbone, index, transform, normalization, batch_size, mode, max_pixels):
-    from vitrail.eval.features import extract
-
     return extract(backbone, index, transform, normalization, batch_size, return_keys=True, mode=mode,
                    max_pixels=max_pixels)
 

@@ -22,12 +22,14 @@ import json
 import os
 import tarfile
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 from vitrail import storage
 from vitrail.errors import VitrailError
+from vitrail.pipelines.decode import MAX_IMAGE_PIXELS, UndecodableImage, check
 from vitrail.pipelines.reader import ShardStream
 
 INDEX = "index.json"
@@ -59,8 +61,6 @@ class Screening:
         """Why the image `data` cannot be used, or None."""
         if not self.decode:
             return None
-        from vitrail.pipelines.decode import MAX_IMAGE_PIXELS, UndecodableImage, check
-
         try:
             check(data, self.max_pixels or MAX_IMAGE_PIXELS)
         except UndecodableImage as error:
@@ -206,7 +206,6 @@ def write_shards(samples: Sequence[Sample], classes: list[str], out: str | os.Pa
         storage.append_text(storage.join(out, PROGRESS), json.dumps(record) + "\n")
 
     if workers > 1 and len(todo) > 1:
-        from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(workers) as pool:
             futures = {name: pool.submit(_write_shard, storage.join(out, name), chunk, screening) for name, chunk in todo}
             for (name, chunk) in todo:
@@ -332,7 +331,6 @@ def index_existing(folder: str | os.PathLike, workers: int = 1, log: Callable[[s
     if not paths:
         raise VitrailError(f"{folder} holds no .tar shards to index")
     if workers > 1 and len(paths) > 1:
-        from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(workers) as pool:
             scans = list(pool.map(_scan_shard, paths))
     else:
@@ -365,16 +363,3 @@ def _scan_shard(path: str) -> dict:
                            "repair or remove it, then index again")
     return {"name": storage.name(path), "samples": stream.read, "sha256": sha256_file(path), "max_label": max_label,
             "without_image": without_image}
-
-
-def shard_fashion_mnist(out: str | os.PathLike, root=None, shard_size: int = 5000,
-                        limit: int | None = None, workers: int = 1, log=print) -> dict[str, ShardIndex]:
-    """Fashion-MNIST's train and test splits to `out/train` and `out/test` (PNG, lossless)."""
-    from vitrail.pipelines.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-    from vitrail.pipelines.sources import array_samples
-    indexes = {}
-    for split in ("train", "test"):
-        images, labels = load_fashion_mnist(split, root)
-        samples = array_samples(images[:limit], labels[:limit], split)
-        indexes[split] = write_shards(samples, FASHION_MNIST_CLASSES, storage.join(out, split), shard_size, workers, log)
-    return indexes

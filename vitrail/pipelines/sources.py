@@ -18,9 +18,12 @@ import stat
 from functools import partial
 from pathlib import Path
 
+from PIL import Image
+
 from vitrail import storage
 from vitrail.errors import VitrailError
-from vitrail.pipelines.shards import IMAGE_EXTENSIONS, Sample, listed
+from vitrail.pipelines.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from vitrail.pipelines.shards import IMAGE_EXTENSIONS, Sample, ShardIndex, listed, write_shards
 
 
 def read_regular_file(path: Path | str) -> bytes:
@@ -179,7 +182,6 @@ def _resolve(path: str, listing: Path | str) -> Path | str:
 
 
 def encode_png(image) -> bytes:
-    from PIL import Image
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
@@ -189,3 +191,14 @@ def array_samples(images, labels, prefix: str) -> list[Sample]:
     """In-memory uint8 images (N, H, W[, C]) as PNG samples keyed `{prefix}{index}`."""
     return [Sample(f"{prefix}{number:07d}", "png", int(label), partial(encode_png, image))
             for number, (image, label) in enumerate(zip(images, labels))]
+
+
+def shard_fashion_mnist(out: str | os.PathLike, root=None, shard_size: int = 5000,
+                        limit: int | None = None, workers: int = 1, log=print) -> dict[str, ShardIndex]:
+    """Fashion-MNIST's train and test splits to `out/train` and `out/test` (PNG, lossless)."""
+    indexes = {}
+    for split in ("train", "test"):
+        images, labels = load_fashion_mnist(split, root)
+        samples = array_samples(images[:limit], labels[:limit], split)
+        indexes[split] = write_shards(samples, FASHION_MNIST_CLASSES, storage.join(out, split), shard_size, workers, log)
+    return indexes
