@@ -26,7 +26,7 @@ from vitrail.pipelines import shards
 from vitrail.pipelines.datasets import load_fashion_mnist
 from vitrail.pipelines.decode import UndecodableImage, decode
 from vitrail.pipelines.reader import ShardStream
-from vitrail.pipelines.stream import local_batches
+from vitrail.pipelines.stream import ShardLedger, local_batches
 from vitrail.pipelines.views import MultiCrop
 
 from conftest import tiny_config_tree
@@ -175,9 +175,12 @@ def test_missing_shard_is_named_and_counted(bad_shards, tmp_path, caplog):
     index = shards.read_index(folder)
     (folder / index.shards[0]["name"]).unlink()
     recipe = MultiCrop(global_size=28, local_size=14, num_local=0)
-    batches = list(local_batches(index, recipe, seed=0, channels=1, batch_size=BATCH, epochs=1, drop_last=False))
+    ledger = ShardLedger()
+    batches = list(local_batches(index, recipe, seed=0, channels=1, batch_size=BATCH, epochs=1, drop_last=False,
+                                 ledger=ledger))
     in_first_shard = sum(key < f"train{SHARD_SIZE:07d}" for key in bad)
-    assert sum(int(batch["skipped"].sum()) for batch in batches) == len(bad) - in_first_shard + SHARD_SIZE
+    assert ledger.totals() == {"skipped": len(bad) - in_first_shard + SHARD_SIZE, "extra": 0}
+    assert all(set(batch) == {"global", "key", "label"} for batch in batches)
     assert sum(len(batch["key"]) for batch in batches) == SAMPLES - SHARD_SIZE - (len(bad) - in_first_shard)
     assert index.shards[0]["name"] in caplog.text
     for shard in index.shards[1:]:
@@ -196,35 +199,54 @@ def test_ray_trains_to_the_end_and_counts_every_bad_sample(ray_cluster, bad_shar
 
 
 def test_ray_dataset_counts_a_missing_shard(ray_cluster, bad_shards, tmp_path):
-    from vitrail.pipelines.stream import ray_dataset
+    from vitrail.pipelines.stream import RemoteLedger, ray_dataset
 
     root, bad = bad_shards
     folder = tmp_path / "train"
     shutil.copytree(root / "train", folder)
     index = shards.read_index(folder)
     (folder / index.shards[-1]["name"]).unlink()
-    dataset = ray_dataset(index, MultiCrop(global_size=28, local_size=14, num_local=0), seed=0, channels=1, epochs=range(1))
+    ledger = RemoteLedger()
+    dataset = ray_dataset(index, MultiCrop(global_size=28, local_size=14, num_local=0), seed=0, channels=1, epochs=range(1),
+                          ledger=ledger)
     batches = list(dataset.iter_batches(batch_size=BATCH, batch_format="numpy"))
     in_last_shard = sum(key >= f"train{SAMPLES - SHARD_SIZE:07d}" for key in bad)
-    assert sum(int(batch["skipped"].sum()) for batch in batches) == len(bad) - in_last_shard + SHARD_SIZE
+    assert ledger.totals() == {"skipped": len(bad) - in_last_shard + SHARD_SIZE, "extra": 0}
     assert sum(len(batch["key"]) for batch in batches) == SAMPLES - SHARD_SIZE - (len(bad) - in_last_shard)
 
 
-def test_ray_counts_a_shard_that_yields_no_image(ray_cluster, bad_shards, tmp_path):
-    """A tar cut inside its first sample gives its task no row to count on: a carrier row takes the count."""
-    from vitrail.pipelines.stream import ray_dataset, without_carriers
+def _garble_every_image(path) -> None:
+    """Rewrite the tar at `path` with every image's header zeroed (flipping it, as `corrupt_jpeg`
+    does, would mend a corrupt JPEG): each sample is there, none decodes."""
+    with tarfile.open(path) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for member, data in members:
+            data = data if member.name.endswith(".cls") else data[:2] + bytes(64) + data[66:]
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_ray_counts_shards_that_yield_no_image_beside_the_batches(ray_cluster, bad_shards, tmp_path):
+    """A tar cut inside its first sample and a tar of undecodable images give their tasks no row:
+    their counts reach the ledger all the same, and the batches hold the views, key and label alone."""
+    from vitrail.pipelines.stream import RemoteLedger, ray_dataset
 
     root, bad = bad_shards
     folder = tmp_path / "train"
     shutil.copytree(root / "train", folder)
     index = shards.read_index(folder)
     assert len(_truncate_mid_member(folder / index.shards[0]["name"], SHARD_SIZE)) == SHARD_SIZE
-    dataset = ray_dataset(index, MultiCrop(global_size=28, local_size=14, num_local=0), seed=0, channels=1, epochs=range(1))
-    batches = list(without_carriers(dataset.iter_batches(batch_size=BATCH, batch_format="numpy")))
-    in_first_shard = sum(key < f"train{SHARD_SIZE:07d}" for key in bad)
-    assert sum(int(batch["skipped"].sum()) for batch in batches) == len(bad) - in_first_shard + SHARD_SIZE
+    _garble_every_image(folder / index.shards[1]["name"])
+    ledger = RemoteLedger()
+    dataset = ray_dataset(index, MultiCrop(global_size=28, local_size=14, num_local=0), seed=0, channels=1, epochs=range(1),
+                          ledger=ledger)
+    batches = list(dataset.iter_batches(batch_size=BATCH, batch_format="numpy"))
+    in_first_shards = sum(key < f"train{2 * SHARD_SIZE:07d}" for key in bad)
+    assert ledger.totals() == {"skipped": len(bad) - in_first_shards + 2 * SHARD_SIZE, "extra": 0}
+    assert all(set(batch) == {"global", "key", "label"} for batch in batches)
     keys = np.concatenate([batch["key"] for batch in batches])
-    assert len(keys) == SAMPLES - SHARD_SIZE - (len(bad) - in_first_shard) and "" not in set(keys)
+    assert len(keys) == SAMPLES - 2 * SHARD_SIZE - (len(bad) - in_first_shards)
 
 
 @pytest.mark.parametrize("kind", sorted(DAMAGED))
@@ -275,8 +297,9 @@ def test_local_verify_names_a_changed_shard_and_counts_extra_samples(bad_shards,
     tree["num_samples"] -= 5
     (folder / "index.json").write_text(json.dumps(tree))
     index = shards.read_index(folder)
-    batches = list(local_batches(index, recipe, seed=0, channels=1, batch_size=BATCH, epochs=1, shuffle=False))
-    assert sum(int(batch["extra"].sum()) for batch in batches) == 5
+    ledger = ShardLedger()
+    list(local_batches(index, recipe, seed=0, channels=1, batch_size=BATCH, epochs=1, shuffle=False, ledger=ledger))
+    assert ledger.totals()["extra"] == 5
     assert f"{index.shards[1]['name']} holds {SHARD_SIZE} samples, index.json declares {SHARD_SIZE - 5}" in caplog.text
     path = folder / index.shards[2]["name"]
     data = bytearray(path.read_bytes())

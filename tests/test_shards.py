@@ -195,7 +195,7 @@ def test_shards_written_by_webdataset_are_indexed_in_place_and_trained_on(tmp_pa
     from vitrail.launch.cli import main
     from vitrail.config import from_dict
     from vitrail.launch.local import pretrain
-    from vitrail.pipelines.stream import local_batches
+    from vitrail.pipelines.stream import ShardLedger, local_batches
     from vitrail.pipelines.views import MultiCrop
 
     from conftest import tiny_config_tree
@@ -219,11 +219,12 @@ def test_shards_written_by_webdataset_are_indexed_in_place_and_trained_on(tmp_pa
     assert main(["shard", "index", str(folder)]) == 0 and "nothing to do" in capsys.readouterr().out
 
     recipe = MultiCrop(global_size=28, local_size=14, num_local=0)
+    ledger = ShardLedger()
     batches = list(local_batches(index, recipe, seed=0, channels=1, batch_size=41, epochs=1, shuffle=False,
-                                 drop_last=False))
+                                 drop_last=False, ledger=ledger))
     read = {int(key[-5:]): int(label) for batch in batches for key, label in zip(batch["key"], batch["label"])}
     expected = {number: int(labels[number]) for shard in range(3) for number in range(shard * 50, shard * 50 + 40 + shard)}
-    assert read == expected and sum(int(batch["skipped"].sum()) for batch in batches) == 0
+    assert read == expected and ledger.totals() == {"skipped": 0, "extra": 0}
 
     root = tmp_path / "existing"
     (root / "test").symlink_to(folder)

@@ -6,7 +6,7 @@ from vitrail.config import Config
 from vitrail.launch.lock import run_dir_lock
 from vitrail.launch.loop import Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker
-from vitrail.pipelines.stream import local_batches
+from vitrail.pipelines.stream import ShardLedger, local_batches
 
 
 def pretrain(config: Config, progress: bool = True, reset: bool = False) -> Trainer:
@@ -15,12 +15,13 @@ def pretrain(config: Config, progress: bool = True, reset: bool = False) -> Trai
         index = start_run(config, reset)
         trainer = Trainer(config, index.num_samples)
         trainer.resume_if_possible()
+        ledger = ShardLedger()
         batches = local_batches(index, config.method.views(), config.run.seed, config.data.channels,
                                 config.optim.batch_size, start_epoch=first_epoch(config, index.num_samples, 1),
-                                max_pixels=config.data.max_image_pixels, verify=config.data.verify)
+                                max_pixels=config.data.max_image_pixels, verify=config.data.verify, ledger=ledger)
         tracker = Tracker(config.run.dir, config.run.tracking, config.model_dump(mode="json"))
         try:
-            trainer.fit(batches, report=tracker.log, progress=progress, before_checkpoint=tracker.sync)
+            trainer.fit(batches, report=tracker.log, progress=progress, before_checkpoint=tracker.sync, ledger=ledger)
         finally:
             sync_command = tracker.close()
     if sync_command:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from vitrail import ssl
@@ -102,13 +101,6 @@ class Trainer:
         elif self.rank == 0:
             checkpoints.save(self.config.run.dir, self.step, self.state(), self.config.run.keep_last)
 
-    def sum_over_ranks(self, value: int) -> int:
-        if dist.is_available() and dist.is_initialized():
-            tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-            dist.all_reduce(tensor)
-            return int(tensor.item())
-        return value
-
     def training_set_features(self, backbone: nn.Module, transform) -> tuple:
         """(features (N, D) float32, keys) of every training sample through `transform`: the
         `features_of` that `method.on_epoch_start` gets, since the view stream never holds the whole data set."""
@@ -153,11 +145,23 @@ class Trainer:
         logged.update({key: float(value) for key, value in metrics.items()})
         return logged
 
-    def fit(self, batches: Iterable[dict], report=None, progress: bool = True, before_checkpoint=None) -> None:
+    def data_counts(self, ledger) -> dict[str, int]:
+        """`data/skipped` and `data/extra_samples` from the ledger the batches' shards are counted in
+        (`stream.ShardLedger`, or `RemoteLedger`). Under Ray it counts the shards of every rank, so
+        rank 0 alone asks and reports; {} elsewhere or without a ledger."""
+        if ledger is None or self.rank != 0:
+            return {}
+        totals = ledger.totals()
+        return {"data/skipped": totals["skipped"], "data/extra_samples": totals["extra"]}
+
+    def fit(self, batches: Iterable[dict], report=None, progress: bool = True, before_checkpoint=None,
+            ledger=None) -> None:
         """Train until `schedule.stop_step` or the data ends; `report(metrics, step)` on log steps, and
         `report(metrics, step, images=...)` from the online monitor (k-NN, view grids, attention);
         `before_checkpoint()` before each checkpoint: tracker files reach the run dir before the checkpoint
-        a resume would start from, so its metrics.jsonl never lacks the rows up to that step."""
+        a resume would start from, so its metrics.jsonl never lacks the rows up to that step. The data
+        counts logged are `ledger`'s (`data_counts`): they cover the shards read so far, which may run
+        ahead of the batches trained on."""
         run = self.config.run
         model = self.method
         if self.world_size > 1:
@@ -168,7 +172,7 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(self.method, find_unused_parameters=True)
         bar = _progress(self.schedule.stop_step, self.step, enabled=progress and self.rank == 0)
         monitor = OnlineMonitor(self.config, self.device, report, self.schedule.stop_step) if report is not None and self.rank == 0 else None
-        images, skipped, extra, started = 0, 0, 0, time.perf_counter()
+        images, started = 0, time.perf_counter()
         # The first row after a resume says so: in metrics.jsonl a restart is one key, not a guess from the steps.
         resumed_from = self.step or None
         iterator: Iterator[dict] = iter(batches)
@@ -180,12 +184,9 @@ class Trainer:
                 self.method.on_epoch_start(self.step // self.schedule.steps_per_epoch, self.training_set_features)
             metrics = self.train_step(model, batch)
             images += len(batch["label"]) * self.world_size
-            skipped += int(batch["skipped"].sum())
-            extra += int(batch["extra"].sum())
             if self.step % run.log_every == 0 or self.step == self.schedule.stop_step:
                 elapsed = time.perf_counter() - started
-                metrics.update({"images_per_second": images / elapsed, "data/skipped": self.sum_over_ranks(skipped),
-                                "data/extra_samples": self.sum_over_ranks(extra),
+                metrics.update({"images_per_second": images / elapsed, **self.data_counts(ledger),
                                 "epoch": self.step / self.schedule.steps_per_epoch})
                 images, started = 0, time.perf_counter()
                 if resumed_from is not None:

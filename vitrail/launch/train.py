@@ -26,7 +26,7 @@ from vitrail.launch.lock import run_dir_lock
 from vitrail.launch.loop import Schedule, Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker
 from vitrail.pipelines.shards import INDEX, read_index
-from vitrail.pipelines.stream import ingest_options, ray_dataset, without_carriers
+from vitrail.pipelines.stream import RemoteLedger, ingest_options, ray_dataset
 
 def _worker_loop(loop_config: dict) -> None:
     import ray.train
@@ -53,8 +53,8 @@ def _worker_loop(loop_config: dict) -> None:
                                  local_shuffle_seed=config.run.seed + trainer.step)
     tracker = Tracker(config.run.dir, config.run.tracking, loop_config["config"]) if rank == 0 else None
     try:
-        trainer.fit(without_carriers(batches), report=tracker.log if tracker else None,
-                    before_checkpoint=tracker.sync if tracker else None)
+        trainer.fit(batches, report=tracker.log if tracker else None,
+                    before_checkpoint=tracker.sync if tracker else None, ledger=loop_config["ledger"])
     finally:
         if tracker is not None:
             sync_command = tracker.close()
@@ -75,15 +75,16 @@ def _report_checkpoint(step: int, state: dict | None) -> None:
         ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=checkpoints.folder_name(step))
 
 
-def _view_dataset(config_tree: dict, workers: int):
+def _view_dataset(config_tree: dict, workers: int, ledger: RemoteLedger):
     """The views from the latest checkpoint's epoch on. Ray Train calls this at every worker-group
-    start, so a group restarted after a failure resumes its data with its checkpoint."""
+    start, so a group restarted after a failure resumes its data with its checkpoint; every start's
+    dataset counts its shards in the run's one `ledger`."""
     config = from_dict(config_tree)
     index = read_index(config.data.shards)
     start_epoch = first_epoch(config, index.num_samples, workers)
     return ray_dataset(index, config.method.views(), config.run.seed, config.data.channels,
                        range(start_epoch, config.optim.epochs), object_store_mb=config.ray.object_store_mb,
-                       max_pixels=config.data.max_image_pixels, verify=config.data.verify)
+                       max_pixels=config.data.max_image_pixels, verify=config.data.verify, ledger=ledger)
 
 
 def check_resources(settings: RaySection, available: dict, where: str) -> None:
@@ -142,9 +143,12 @@ def _pretrain(config: Config, dashboard: bool, reset: bool) -> str:
         resources["GPU"] = config.ray.gpus_per_worker
     run_dir = storage.locate(config.run.dir)
     tree = config.model_dump(mode="json")
+    # The workers and the view tasks of every worker-group start share it: the data counts the workers
+    # log (once, on rank 0) cover every rank's shards, and a restart reading an epoch again counts it once.
+    ledger = RemoteLedger()
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": tree, "num_samples": index.num_samples},
+        train_loop_config={"config": tree, "num_samples": index.num_samples, "ledger": ledger},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.ray.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         torch_config=BoundStoreTorchConfig(backend="nccl" if config.ray.gpus_per_worker else "gloo"),
@@ -153,7 +157,7 @@ def _pretrain(config: Config, dashboard: bool, reset: bool) -> str:
                              checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_last),
                              failure_config=FailureConfig(max_failures=config.ray.max_failures),
                              worker_runtime_env=_worker_runtime_env(config.ray)),
-        datasets={"train": partial(_view_dataset, tree, workers)},
+        datasets={"train": partial(_view_dataset, tree, workers, ledger)},
         # Ray Train replaces the dataset's execution options with these: they carry the backpressure budget.
         dataset_config=DataConfig(execution_options=ingest_options(config.ray.object_store_mb)),
     )

@@ -6,13 +6,14 @@ identically under Ray Train and in the local launcher.
 
 Bad data is skipped and counted, never fatal: an undecodable image (`decode.decode` raises,
 never crashes, and refuses images over the pixel limit), a sample lost in a truncated tar
-(declared in index.json, never read) and a missing shard all add to the `skipped` column of
-a view batch (the count rides on its first row), which the training loop sums into the
-`data/skipped` metric; samples a tar holds beyond its declared count are trained on, logged
-and counted the same way in `extra` (`data/extra_samples`). A Ray task whose shard gave no
-image at all sends its counts on a blank carrier row, removed by `without_carriers` before
-training. What stops a run: a shard whose sha256 differs from index.json's (`verify`), and
-a shard whose view task keeps dying (`VIEW_TASK_RETRIES`), each named.
+(declared in index.json, never read) and every sample of a missing shard are `skipped`;
+samples a tar holds beyond its declared count are trained on, logged and counted as `extra`.
+The counts go beside the batches, not in them: `shard_views` records each shard's in a
+`ShardLedger` (a plain object in the local launcher, one Ray actor per run under Ray, which
+the view tasks on every node and the training loop share), and the loop asks it for the
+totals of `data/skipped` and `data/extra_samples` when it logs. Batches hold the views, "key"
+and "label" alone. What stops a run: a shard whose sha256 differs from index.json's
+(`verify`), and a shard whose view task keeps dying (`VIEW_TASK_RETRIES`), each named.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import random
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,10 +36,6 @@ from vitrail.pipelines.shards import READ_EXTENSIONS, ShardIndex, sha256_file
 log = logging.getLogger("vitrail.data")
 _IMAGE_EXTENSIONS = sorted(READ_EXTENSIONS)
 _LOGGED_KEYS = 5
-CARRIER_KEY = ""  # see `_count_carrier`
-# Per-batch tallies riding on a batch's first row: samples skipped (undecodable, lost to a truncated
-# tar, in a missing shard) and samples found in a tar beyond the count index.json declares.
-COUNTS = ("skipped", "extra")
 # Ray retries a view task that died (Ray Data's default is forever: a shard that kills its task would hang the run).
 VIEW_TASK_RETRIES = 3
 
@@ -77,16 +74,63 @@ def make_views(samples: list[dict], recipe, seed: int, epoch: int, channels: int
     columns = recipe(images, keys, seed, epoch)
     columns["key"] = np.asarray(keys, dtype=object)
     columns["label"] = np.asarray(labels, dtype=np.int64)
-    for name in COUNTS:
-        columns[name] = np.zeros(len(images), dtype=np.int64)
     return columns, len(bad)
 
 
-def add_counts(columns: dict, counts: dict) -> dict:
-    """Add `counts` onto the first row of `columns`; returns counts emptied, for the caller to go on with."""
-    for name in COUNTS:
-        columns[name][0] += counts[name]
-    return dict.fromkeys(COUNTS, 0)
+class ShardLedger:
+    """Per (epoch, shard): its samples skipped and extra, and under Ray how often its view task
+    started. A shard's counts are set, not added to: a retried view task, or a restarted worker
+    group reading its epoch again, counts each shard once."""
+
+    def __init__(self):
+        self.counts: dict[tuple[int, str], tuple[int, int]] = {}
+        self.started: dict[tuple[int, int, str], int] = {}
+        self.datasets = 0
+
+    def record(self, epoch: int, path: str, skipped: int, extra: int) -> None:
+        self.counts[(epoch, path)] = (skipped, extra)
+
+    def totals(self) -> dict[str, int]:
+        """{"skipped": n, "extra": m} over every shard recorded so far."""
+        return {"skipped": sum(skipped for skipped, _ in self.counts.values()),
+                "extra": sum(extra for _, extra in self.counts.values())}
+
+    def new_dataset(self) -> int:
+        """An id for the view tasks of one dataset: each worker-group start builds its own, whose
+        tasks get their full retries again."""
+        self.datasets += 1
+        return self.datasets
+
+    def start(self, dataset: int, epoch: int, path: str) -> int:
+        """Registers a view task's start; returns how many starts of its (epoch, shard) came before it.
+        A task killed by the OS or by a crash in native code cannot say which shard it held; its retry
+        can, and the last retry Ray allows fails the run naming the shard instead of dying once more."""
+        before = self.started.get((dataset, epoch, path), 0)
+        self.started[(dataset, epoch, path)] = before + 1
+        return before
+
+
+class RemoteLedger:
+    """A ShardLedger in a Ray actor, with ShardLedger's methods (each call waits for its answer):
+    one made on the driver serves the view tasks on every node and the training workers. It lives
+    as long as the process that made it."""
+
+    def __init__(self):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the maker's node: a run that survives losing a worker node keeps its ledger.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(ShardLedger).remote()
+
+    def __getattr__(self, name: str):
+        # Dunder look-ups (pickle, copy) and a half-unpickled instance must not reach the actor.
+        if name.startswith("_") or not callable(getattr(ShardLedger, name, None)):
+            raise AttributeError(name)
+        import ray
+
+        method = getattr(self.actor, name)
+        return lambda *args: ray.get(method.remote(*args))
 
 
 @dataclass(frozen=True)
@@ -108,18 +152,17 @@ def check_sha256(shard: ShardRead) -> None:
 
 
 def shard_views(shard: ShardRead, recipe, seed: int, epoch: int, channels: int, batch_size: int,
-                carried: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[dict]:
-    """View batches of one shard, every skip of it (plus `carried`) counted in their `skipped`, and
-    samples beyond those index.json declares in their `extra`.
+                ledger: ShardLedger | RemoteLedger, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[dict]:
+    """View batches of one shard; once its tar has ended, its samples skipped and those beyond the
+    count index.json declares go to `ledger`.
 
-    The last batch is held back until the tar ends, since only then are the samples lost to
-    truncation (or found beyond the declared count) known. A shard without one decodable image
-    yields a single `{"skipped": n, "extra": m}` with no rows, for the caller to carry on.
+    The last batch is held back until they are recorded: a trainer that holds every row of a
+    shard finds the shard counted.
     """
     if shard.verify and storage.exists(shard.path):  # a missing shard is counted as skipped below
         check_sha256(shard)
     stream = ShardStream(shard.path, shard.declared)
-    counts, ready, pending = {"skipped": carried, "extra": 0}, None, []
+    skipped, ready, pending = 0, None, []
 
     def batches():
         for sample in stream:
@@ -131,19 +174,14 @@ def shard_views(shard: ShardRead, recipe, seed: int, epoch: int, channels: int, 
             yield make_views(pending, recipe, seed, epoch, channels, max_pixels)
 
     for columns, bad in batches():
-        counts["skipped"] += bad
+        skipped += bad
         if columns is None:
             continue
         if ready is not None:
-            counts = add_counts(ready, counts)
             yield ready
         ready = columns
-    counts["skipped"] += stream.lost
-    counts["extra"] += stream.extra
-    if ready is None:
-        yield counts
-    else:
-        add_counts(ready, counts)
+    ledger.record(epoch, shard.path, skipped + stream.lost, stream.extra)
+    if ready is not None:
         yield ready
 
 
@@ -159,82 +197,18 @@ def _epoch_shards(index: ShardIndex, seed: int, epoch: int, shuffle: bool, verif
 
 
 def _shard_task(rows: dict, recipe, seed: int, epoch: int, channels: int, batch_size: int, max_pixels: int,
-                attempts, retries: int) -> Iterator[dict]:
-    """Ray Data map task: one shard's row (`ShardRead`'s fields and "carried") -> its view batches."""
-    import ray
-
+                ledger: RemoteLedger, dataset: int, retries: int) -> Iterator[dict]:
+    """Ray Data map task: one shard's row (`ShardRead`'s fields) -> its view batches (none when
+    the shard gave no image: its counts are in `ledger`)."""
     torch.set_num_threads(1)  # one core per data task; the training worker owns the rest
-    for number, carried in enumerate(rows["carried"]):
-        shard = ShardRead(str(rows["path"][number]), int(rows["declared"][number]), str(rows["sha256"][number]),
+    for number, path in enumerate(rows["path"]):
+        shard = ShardRead(str(path), int(rows["declared"][number]), str(rows["sha256"][number]),
                           bool(rows["verify"][number]))
-        if ray.get(attempts.start.remote(epoch, shard.path)) == retries:  # the last start Ray allows
+        if ledger.start(dataset, epoch, shard.path) == retries:  # the last start Ray allows
             raise VitrailError(f"shard {shard.path}: its view task died (killed, out of memory, or a crash in "
                                f"native code; see the Ray worker logs), and so did every retry ({retries}): the run "
                                "stops here")
-        for columns in shard_views(shard, recipe, seed, epoch, channels, batch_size, int(carried), max_pixels):
-            if "key" in columns:
-                yield columns
-            elif any(columns.values()):
-                yield _count_carrier(recipe, seed, epoch, channels, columns)
-
-
-class TaskAttempts:
-    """A Ray actor counting how often each (epoch, shard) view task has started. A task killed
-    by the OS or by a crash in native code cannot say which shard it held; its retry can, and
-    the last retry Ray allows fails the run naming the shard instead of dying once more."""
-
-    def __init__(self):
-        self.started: dict[tuple[int, str], int] = {}
-
-    def start(self, epoch: int, path: str) -> int:
-        """Registers a start; returns how many starts came before it."""
-        before = self.started.get((epoch, path), 0)
-        self.started[(epoch, path)] = before + 1
-        return before
-
-
-def _count_carrier(recipe, seed: int, epoch: int, channels: int, counts: dict) -> dict:
-    """A blank row, views of the recipe's shapes, whose only use is to carry `counts` out of a
-    task that read no image: a task's output is rows, and a count rides on one. Its key is
-    empty, which no sample's is; `without_carriers` takes it out before training."""
-    columns = recipe([torch.zeros((channels, 8, 8), dtype=torch.uint8)], [CARRIER_KEY], seed, epoch)
-    columns["key"] = np.asarray([CARRIER_KEY], dtype=object)
-    columns["label"] = np.asarray([-1], dtype=np.int64)
-    for name in COUNTS:
-        columns[name] = np.asarray([counts[name]], dtype=np.int64)
-    return columns
-
-
-def without_carriers(batches: Iterable[dict]) -> Iterator[dict]:
-    """Ray Data's batches without `_count_carrier` rows, their counts moved to the next real row."""
-    carried = dict.fromkeys(COUNTS, 0)
-    for batch in batches:
-        real = batch["key"] != CARRIER_KEY
-        if real.all() and not any(carried.values()):
-            yield batch
-            continue
-        for name in COUNTS:
-            carried[name] += int(batch[name][~real].sum())
-        batch = {name: column[real] for name, column in batch.items()}  # copies: Ray's arrays are read-only
-        if len(batch["key"]):
-            carried = add_counts(batch, carried)
-            yield batch
-
-
-def _carry_missing(shards: list[ShardRead]) -> list[dict]:
-    """Task rows for the shards present now; a missing shard's samples are counted as skipped
-    by the next present shard, so its count reaches `data/skipped` though no task reads it."""
-    rows, missing = [], 0
-    for shard in shards:
-        if not storage.exists(shard.path):
-            log.warning("shard %s is missing: its %d samples are skipped", shard.path, shard.declared)
-            missing += shard.declared
-            continue
-        rows.append({**asdict(shard), "carried": missing})
-        missing = 0
-    if rows and missing:
-        rows[0]["carried"] += missing
-    return rows
+        yield from shard_views(shard, recipe, seed, epoch, channels, batch_size, ledger, max_pixels)
 
 
 def ingest_options(object_store_mb: int | None):
@@ -251,26 +225,27 @@ def ingest_options(object_store_mb: int | None):
 
 def ray_dataset(index: ShardIndex, recipe, seed: int, channels: int, epochs: range, shuffle: bool = True,
                 view_batch_size: int = 16, object_store_mb: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-                verify: bool = False, task_retries: int = VIEW_TASK_RETRIES):
+                verify: bool = False, task_retries: int = VIEW_TASK_RETRIES, ledger: RemoteLedger | None = None):
     """A Ray dataset streaming the views of `epochs` back to back: one map task per shard, shards
-    reshuffled per epoch. With `verify`, each shard's sha256 is checked when the first epoch reads it.
-    A shard whose task dies `task_retries` times fails the dataset, named (a VitrailError)."""
-    import ray
+    reshuffled per epoch; each shard's counts go to `ledger` (a new one when None). With `verify`,
+    each shard's sha256 is checked when the first epoch reads it. A shard whose task dies
+    `task_retries` times fails the dataset, named (a VitrailError)."""
     import ray.data
 
+    if not any(storage.exists(path) for path in index.paths):
+        raise VitrailError(f"no shard of {index.folder} exists: every file index.json names is missing")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # Ray Data's per-operator bars would drown the training bar
     context.execution_options = ingest_options(object_store_mb)
-    attempts = ray.remote(num_cpus=0)(TaskAttempts).remote()
+    ledger = RemoteLedger() if ledger is None else ledger
+    dataset = ledger.new_dataset()
     per_epoch = []
     for epoch in epochs:
-        rows = _carry_missing(_epoch_shards(index, seed, epoch, shuffle, verify and epoch == epochs[0]))
-        if not rows:
-            raise VitrailError(f"no shard of {index.folder} exists: every file index.json names is missing")
+        rows = [asdict(shard) for shard in _epoch_shards(index, seed, epoch, shuffle, verify and epoch == epochs[0])]
         shards = ray.data.from_items(rows, override_num_blocks=len(rows))
         per_epoch.append(shards.map_batches(
             partial(_shard_task, recipe=recipe, seed=seed, epoch=epoch, channels=channels, batch_size=view_batch_size,
-                    max_pixels=max_pixels, attempts=attempts, retries=task_retries),
+                    max_pixels=max_pixels, ledger=ledger, dataset=dataset, retries=task_retries),
             # Ray 2.60 takes max_retries only through ray_remote_args (deprecated for 2.64, no named parameter yet).
             batch_size=1, batch_format="numpy", max_retries=task_retries,
         ))
@@ -279,33 +254,27 @@ def ray_dataset(index: ShardIndex, recipe, seed: int, channels: int, epochs: ran
 
 def local_batches(index: ShardIndex, recipe, seed: int, channels: int, batch_size: int, start_epoch: int = 0,
                   shuffle: bool = True, epochs: int | None = None, drop_last: bool = True, view_batch_size: int = 64,
-                  max_pixels: int = MAX_IMAGE_PIXELS, verify: bool = False):
-    """Batches of `batch_size` views read in this process, epoch after epoch. Counts in a dropped
-    last batch or a shard with no decodable image ride on the next batch. With `verify`, each
-    shard's sha256 is checked when the first epoch reads it."""
-    epoch, carried = start_epoch, dict.fromkeys(COUNTS, 0)
+                  max_pixels: int = MAX_IMAGE_PIXELS, verify: bool = False, ledger: ShardLedger | None = None):
+    """Batches of `batch_size` views read in this process, epoch after epoch; each shard's counts
+    go to `ledger` when given. With `verify`, each shard's sha256 is checked when the first epoch reads it."""
+    ledger = ShardLedger() if ledger is None else ledger
+    epoch = start_epoch
     while epochs is None or epoch < start_epoch + epochs:
         parts, count, rows = [], 0, 0
         for shard in _epoch_shards(index, seed, epoch, shuffle, verify and epoch == start_epoch):
-            for columns in shard_views(shard, recipe, seed, epoch, channels, view_batch_size, max_pixels=max_pixels):
-                if "key" not in columns:
-                    carried = {name: carried[name] + columns[name] for name in COUNTS}
-                    continue
+            for columns in shard_views(shard, recipe, seed, epoch, channels, view_batch_size, ledger, max_pixels):
                 parts.append(columns)
                 count += len(columns["key"])
                 rows += len(columns["key"])
                 while count >= batch_size:
                     batch, parts = _split(parts, batch_size)
                     count -= batch_size
-                    carried = add_counts(batch, carried)
                     yield batch
         if parts and not drop_last:
             batch, parts = _split(parts, count)
-            carried = add_counts(batch, carried)
             yield batch
         if not rows:
             raise VitrailError(f"no shard of {index.folder} holds a readable image (see the warnings above)")
-        carried = {name: carried[name] + sum(int(part[name].sum()) for part in parts) for name in COUNTS}
         epoch += 1
 
 
