@@ -14,17 +14,17 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from vitrail import ssl
+from vitrail import checkpoints, ssl, storage
+from vitrail.config import Config
 from vitrail.errors import VitrailError
 from vitrail.eval.features import extract
 from vitrail.eval.online import OnlineMonitor
-from vitrail import checkpoints, storage
 from vitrail.launch import resume, sync_batchnorm
-from vitrail.config import Config
 from vitrail.launch.init_from import initialise
-from vitrail.precision import autocast, float32_norms, uses_bf16
 from vitrail.pipelines.shards import ShardIndex, read_index
+from vitrail.precision import autocast, float32_norms, uses_bf16
 from vitrail.ssl.optim import apply
 
 
@@ -208,7 +208,6 @@ class Trainer:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc="pretrain", unit="step",
                 mininterval=2.0, dynamic_ncols=True)
 
