@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -15,7 +16,6 @@ import pytest
 import yaml
 
 from vitrail import checkpoints
-from vitrail.errors import VitrailError
 from vitrail.launch import submit
 from vitrail.launch.cli import main
 from vitrail.launch.lock import run_dir_lock
@@ -124,31 +124,25 @@ def jobs_api():
     server.shutdown()
 
 
-def test_jobs_client_sends_the_ray_token_from_where_ray_keeps_it(jobs_api, tmp_path, monkeypatch):
+def test_jobs_client_sends_the_ray_token_from_where_ray_keeps_it(jobs_api, tmp_path):
     """Ray's token-auth docs: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token;
-    an explicit RAY_AUTH_MODE is left to Ray's own client."""
-    for variable in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
+    an explicit RAY_AUTH_MODE is left to Ray's own client. Each `jobs list` runs in a fresh process: once
+    a process's Ray runs in token mode (a test's cluster), Ray's client adds the token itself."""
+    base = {name: value for name, value in os.environ.items() if not name.startswith("RAY_AUTH_")}
 
-    def sent() -> set:
+    def sent(**variables) -> tuple[set, str]:
         _JobsAPI.authorizations.clear()
-        assert submit.list_jobs(jobs_api) == []
-        return set(_JobsAPI.authorizations)
+        listed = subprocess.run([sys.executable, "-c", f"from vitrail.launch import submit; print(submit.list_jobs({jobs_api!r}))"],
+                                env={**base, "HOME": str(tmp_path), **variables}, capture_output=True, text=True)
+        return set(_JobsAPI.authorizations), listed.stderr
 
-    assert sent() == {None}
+    assert sent()[0] == {None}
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
-    assert sent() == {"Bearer from-home"}
+    assert sent()[0] == {"Bearer from-home"}
     (tmp_path / "named").write_text("from-path")
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "named"))
-    assert sent() == {"Bearer from-path"}
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-variable")
-    assert sent() == {"Bearer from-variable"}
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert sent() == {None}
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    monkeypatch.delenv("RAY_AUTH_TOKEN")
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "absent"))
-    with pytest.raises(VitrailError, match=f"RAY_AUTH_TOKEN_PATH names {tmp_path / 'absent'}, which does not exist"):
-        submit.list_jobs(jobs_api)
+    assert sent(RAY_AUTH_TOKEN_PATH=str(tmp_path / "named"))[0] == {"Bearer from-path"}
+    assert sent(RAY_AUTH_TOKEN_PATH=str(tmp_path / "named"), RAY_AUTH_TOKEN="from-variable")[0] == {"Bearer from-variable"}
+    assert sent(RAY_AUTH_TOKEN="from-variable", RAY_AUTH_MODE="disabled")[0] == {None}
+    authorizations, errors = sent(RAY_AUTH_TOKEN_PATH=str(tmp_path / "absent"))
+    assert not authorizations and f"RAY_AUTH_TOKEN_PATH names {tmp_path / 'absent'}, which does not exist" in errors
