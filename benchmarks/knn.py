@@ -6,7 +6,7 @@
     test set in 100 chunks, each a matmul against the whole train set, topk, the neighbours'
     labels gathered, a (chunk * k, classes) one-hot scaled by exp(sim / T) and summed;
 (b) the same with 1024-query chunks and a scatter-add of the votes (this project's tuned torch);
-(c) vitrail's `knn_predict` (FAISS IndexFlatIP);
+(c) vitrail's `knn_predict` (FAISS's exact search, `faiss.knn`);
 (d) the same in a fresh process that imports faiss plainly, leaving its bundled OpenBLAS to
     detect the CPU (what vitrail did before `vitrail.faiss_blas`; on a CPU that OpenBLAS
     does not know, its SSE3 'Prescott' kernels).
@@ -125,7 +125,7 @@ def main():
     protocol = (train_features, train_labels, test_features, args.k, args.temperature, args.classes)
 
     runs = {
-        "vitrail FAISS IndexFlatIP": lambda: knn_predict(
+        "vitrail knn_predict (faiss.knn)": lambda: knn_predict(
             train_features, train_labels, test_features, (args.k,), args.temperature, args.classes,
             num_threads=threads)[args.k],
         f"torch chunked mm + topk (chunk {args.torch_chunk})": lambda: chunked_torch_predict(*protocol, args.torch_chunk),
@@ -134,7 +134,7 @@ def main():
     timings = {name: best_time(run, args.repeats) for name, run in runs.items()}
     plain_seconds, plain_predictions, plain_kernels = plain_faiss_time(*protocol[:3], args.k, args.temperature,
                                                                        args.classes, threads, args.repeats)
-    timings[f"FAISS IndexFlatIP, faiss imported plainly (its OpenBLAS: {plain_kernels} kernels)"] = (
+    timings[f"vitrail knn_predict, faiss imported plainly (its OpenBLAS: {plain_kernels} kernels)"] = (
         plain_seconds, plain_predictions)
     (faiss_name, (faiss_seconds, faiss_predictions)), *others = timings.items()
     for name, (_, predictions) in others:

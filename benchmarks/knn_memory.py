@@ -9,7 +9,7 @@ are file-backed and the kernel may drop them) every 20 ms:
 
   whole copy  what the search did before: the memmap copied into RAM, normalised as a whole,
               then added to the FAISS index
-  vitrail     `knn_predict` on the memmap itself: the index filled and the queries searched in
+  vitrail     `knn_predict` on the memmap itself: the train set normalised and the queries searched in
               chunks within `--budget-mb`
 
 Both must give identical predictions. The figure that matters is the peak over the index

@@ -1,11 +1,14 @@
 """`vitrail cluster up`, `submit` and `jobs` end to end, on a real head node's Jobs API."""
 
+import http.server
 import json
 import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -94,3 +97,52 @@ def test_submitted_job_trains_evaluates_and_cluster_down_stops_only_its_node(
     assert "was running" in _printed(capsys, "cluster", "down", "--dashboard-port", str(port))
     # The other Ray cluster on this machine (this test process's) did not go down with it.
     assert ray_cluster.get(ray_cluster.remote(lambda: 41 + 1).remote()) == 42
+
+
+class _JobsAPI(http.server.BaseHTTPRequestHandler):
+    """Just enough of a Jobs API for `jobs list`: the version check and an empty job list."""
+    authorizations: list = []
+
+    def do_GET(self):
+        _JobsAPI.authorizations.append(self.headers.get("Authorization"))
+        body = json.dumps({"ray_version": "2.60.0", "version": "4"} if self.path == "/api/version" else []).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def jobs_api():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _JobsAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_jobs_client_sends_the_ray_token_from_where_ray_keeps_it(jobs_api, tmp_path):
+    """Ray's token-auth docs: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token;
+    an explicit RAY_AUTH_MODE is left to Ray's own client. Each `jobs list` runs in a fresh process: once
+    a process's Ray runs in token mode (a test's cluster), Ray's client adds the token itself."""
+    base = {name: value for name, value in os.environ.items() if not name.startswith("RAY_AUTH_")}
+
+    def sent(**variables) -> tuple[set, str]:
+        _JobsAPI.authorizations.clear()
+        listed = subprocess.run([sys.executable, "-c", f"from vitrail.launch import submit; print(submit.list_jobs({jobs_api!r}))"],
+                                env={**base, "HOME": str(tmp_path), **variables}, capture_output=True, text=True)
+        return set(_JobsAPI.authorizations), listed.stderr
+
+    assert sent()[0] == {None}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert sent()[0] == {"Bearer from-home"}
+    (tmp_path / "named").write_text("from-path")
+    assert sent(RAY_AUTH_TOKEN_PATH=str(tmp_path / "named"))[0] == {"Bearer from-path"}
+    assert sent(RAY_AUTH_TOKEN_PATH=str(tmp_path / "named"), RAY_AUTH_TOKEN="from-variable")[0] == {"Bearer from-variable"}
+    assert sent(RAY_AUTH_TOKEN="from-variable", RAY_AUTH_MODE="disabled")[0] == {None}
+    authorizations, errors = sent(RAY_AUTH_TOKEN_PATH=str(tmp_path / "absent"))
+    assert not authorizations and f"RAY_AUTH_TOKEN_PATH names {tmp_path / 'absent'}, which does not exist" in errors

@@ -16,7 +16,7 @@ def _last(rows, key):
     return [row[key] for row in rows if key in row][-1]
 
 
-def test_report_compares_runs_from_metrics_jsonl_wandb_files_and_results(fashion_shards, tmp_path, capsys):
+def test_report_compares_runs_from_metrics_jsonl_and_results(fashion_shards, tmp_path, capsys):
     with_knn, wandb_only = tmp_path / "with-knn", tmp_path / "wandb-only"
     tree = tiny_config_tree(fashion_shards, with_knn, optim={"max_steps": 8})
     tree["eval"] = {"knn_every": 4, "knn_train_samples": 256, "knn_test_samples": 128}
@@ -26,8 +26,6 @@ def test_report_compares_runs_from_metrics_jsonl_wandb_files_and_results(fashion
     pretrain(from_dict(tree), progress=False)
     knn_rows = [json.loads(line) for line in (with_knn / "metrics.jsonl").read_text().splitlines()]
     wandb_rows = [json.loads(line) for line in (wandb_only / "metrics.jsonl").read_text().splitlines()]
-    # Without metrics.jsonl the curves come from the run's wandb files.
-    (wandb_only / "metrics.jsonl").unlink()
     results = json.loads((with_knn / "results.json").read_text())
     [evaluated] = [row for row in results["knn"] if row["features"].startswith("pretrained") and row["k"] == 20]
     capsys.readouterr()
@@ -47,6 +45,11 @@ def test_report_compares_runs_from_metrics_jsonl_wandb_files_and_results(fashion
         assert pixels.shape == (450, 700, 3)
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # curves, axes and text, not a blank canvas
         assert f"![{plot[:-4]}]({plot})" in (out / "report.md").read_text()
+
+    # The curves come from metrics.jsonl alone, never from wandb's own run files.
+    (wandb_only / "metrics.jsonl").unlink()
+    assert cli.main(["report", str(wandb_only), "--out", str(out)]) == 2
+    assert f"{wandb_only / 'metrics.jsonl'} does not exist" in capsys.readouterr().err
 
 
 def test_report_names_a_missing_run_dir(tmp_path, capsys):

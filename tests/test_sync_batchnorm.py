@@ -42,8 +42,10 @@ def _rank(rank, port, out_dir):
         for name in SHAPES:
             inputs, loss_weights, layer = _data(name)
             half = slice(rank * 4, rank * 4 + 4)
-            layer = sync_batchnorm.convert(nn.Sequential(layer), torch.device("cpu"))[0]
+            original, layer = layer, sync_batchnorm.convert(nn.Sequential(layer), torch.device("cpu"))[0]
             assert type(layer) is sync_batchnorm.CPUSyncBatchNorm
+            # The same tensors, so an optimizer or EMA teacher built before the conversion still sees them.
+            assert layer.weight is original.weight and layer.running_mean is original.running_mean
             torch.save(_train_steps(layer, inputs[half], loss_weights[half]), f"{out_dir}/{name}-{rank}.pt")
     finally:
         dist.destroy_process_group()

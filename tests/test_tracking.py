@@ -1,5 +1,5 @@
-"""Tracking read back the way a user sees it: TensorBoard over HTTP from `vitrail dashboard`, wandb's own
-run files, the PNGs in the run dir."""
+"""Tracking read back the way a user sees it: TensorBoard over HTTP from `vitrail dashboard`, wandb's
+offline run folders, the PNGs in the run dir."""
 
 import io
 import json
@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from vitrail.errors import VitrailError
 from vitrail.config import from_dict
 from vitrail.launch.local import pretrain
-from vitrail.launch.tracking import Tracker, dashboard_command, read_offline_history
+from vitrail.launch.tracking import Tracker, dashboard_command
 
 from conftest import tiny_config_tree
 
@@ -56,62 +56,25 @@ def test_tensorboard_dashboard_serves_the_logged_losses(fashion_shards, tmp_path
 
 
 
-def _by_step(rows: list[dict]) -> dict[int, dict]:
-    merged = {}
-    for row in rows:
-        merged.setdefault(row["step"], {}).update(row)
-    return merged
-
-
-def test_wandb_offline_history_read_back_with_wandbs_records_equals_metrics_jsonl(fashion_shards, tmp_path):
+def test_wandb_runs_offline_in_the_run_dir_and_a_resume_continues_its_run(fashion_shards, tmp_path):
     run_dir = tmp_path / "wandb-run"
     tree = tiny_config_tree(fashion_shards, run_dir, run={"tracking": "wandb"}, optim={"max_steps": 6})
     tree["eval"] = {"knn_every": 4, "knn_train_samples": 256, "knn_test_samples": 128}
     pretrain(from_dict(tree), progress=False)
     tree["optim"]["max_steps"] = 8  # resumed: a second wandb run file, the same run id
     pretrain(from_dict(tree), progress=False)
-    assert len(list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))) == 2
-
-    history = read_offline_history(run_dir)
-    logged = _by_step(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    scalars = {row["step"]: {key: value for key, value in row.items() if not isinstance(value, dict)} for row in history}
-    assert scalars == logged
+    run_id = (run_dir / "wandb_id").read_text()
+    assert len(list(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))) == 2
     # k-NN every 4 steps and at each run's last step (6, then 8).
-    assert [step for step, row in sorted(logged.items()) if "knn/top1" in row] == [4, 6, 8]
-    # The view grids and attention maps went to wandb as images, their PNGs in the run's media folder.
-    images = {(row["step"], key): value for row in history for key, value in row.items() if isinstance(value, dict)}
-    assert sorted(images) == [(2, "attention"), (2, "views"), (4, "attention"), (6, "attention"), (8, "attention"),
-                              (8, "views")]
-    for (step, name), image in images.items():
-        assert image["_type"] == "image-file"
-        media = list(run_dir.glob(f"wandb/offline-run-*/files/{image['path']}"))
-        assert len(media) == 1
-        assert np.array_equal(np.asarray(Image.open(media[0])), np.asarray(Image.open(run_dir / "images" / f"{name}_step{step}.png")))
-
-
-def test_wandb_records_longer_than_a_block_are_reassembled(tmp_path):
-    tracker = Tracker(tmp_path, "wandb", config={}, name="big-rows")
-    # ~4000 keys make one history record of over 100 KiB: FIRST, MIDDLE..., LAST fragments.
-    big = {f"layer{index:04d}/grad_norm": index / 7 for index in range(4000)}
-    tracker.log(big, step=1)
-    tracker.log({"loss": 0.5}, step=2)
-    tracker.close()
-    assert max(path.stat().st_size for path in tmp_path.glob("wandb/*/run-*.wandb")) > 3 * 32768
-    assert read_offline_history(tmp_path) == [{"step": 1, **big}, {"step": 2, "loss": 0.5}]
-
-
-def test_wandb_reader_rejects_damaged_files_by_name(tmp_path):
-    tracker = Tracker(tmp_path, "wandb", config={}, name="damaged")
-    tracker.log({"loss": 0.5}, step=1)
-    tracker.close()
-    run_file = next(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
-    data = bytearray(run_file.read_bytes())
-    data[20] ^= 0xFF
-    run_file.write_bytes(bytes(data))
-    with pytest.raises(VitrailError, match=f"{run_file}: record at byte 7 fails its checksum"):
-        read_offline_history(tmp_path)
-    with pytest.raises(VitrailError, match="holds no wandb run files"):
-        read_offline_history(tmp_path / "elsewhere")
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "knn/top1" in row] == [4, 6, 8]
+    # The view grids and attention maps went to wandb as images, the PNGs the run dir holds.
+    ours = sorted(path.name for path in (run_dir / "images").glob("*.png"))
+    assert ours == ["attention_step2.png", "attention_step4.png", "attention_step6.png", "attention_step8.png",
+                    "views_step2.png", "views_step8.png"]
+    theirs = list(run_dir.glob("wandb/offline-run-*/files/media/images/*.png"))
+    assert sorted(np.asarray(Image.open(path)).tobytes() for path in theirs) == sorted(
+        np.asarray(Image.open(run_dir / "images" / name)).tobytes() for name in ours)
 
 
 def test_images_go_to_png_files_and_tensorboard(tmp_path):

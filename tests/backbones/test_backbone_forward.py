@@ -1,5 +1,7 @@
 """Every backbone gives finite (B, embed_dim) features at global, local and small-image sizes."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -80,10 +82,32 @@ def test_num_classes_head_gives_logits():
             assert model(_images(2, 96 if name != "conformer_tiny" else 96)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_declared_capabilities_are_what_the_backbone_does(name):
+    """Eval code reads `capabilities` and never probes: each declared one works, and a backbone
+    has no method for one it does not declare."""
+    model = backbones.create(name).eval()
+    declared = model.capabilities
+    methods = {"patch_tokens": "forward_features", "block_cls": "intermediate_cls", "cls_attention": "last_self_attention"}
+    assert {field: hasattr(model, method) for field, method in methods.items()} == dataclasses.asdict(declared)
+    images = _images(2, 96)
+    with torch.no_grad():
+        if declared.patch_tokens:
+            tokens = model.forward_features(images)
+            assert tokens["cls"].shape == (2, model.embed_dim)
+            assert tokens["patches"].shape[0] == 2 and tokens["patches"].shape[2] == model.embed_dim
+        if declared.block_cls:
+            assert model.intermediate_cls(images, 4).shape == (2, 4, model.embed_dim)
+        if declared.cls_attention:
+            tokens = 1 + (96 // model.patch_size) ** 2
+            attention = model.last_self_attention(images)
+            assert attention.shape[0] == 2 and attention.shape[-2:] == (tokens, tokens)
+
+
 @pytest.mark.parametrize("name", ["vit_tiny", "swin_tiny"])
 def test_token_models_take_ibot_masks(name):
     model = backbones.create(name, mask_token=True).eval()
-    assert backbones.is_token_model(model)
+    assert model.capabilities.patch_tokens
     images = _images(2, 96)
     grid = 96 // model.patch_size
     none_masked = torch.zeros(2, grid * grid, dtype=torch.bool)

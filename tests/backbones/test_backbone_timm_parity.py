@@ -71,7 +71,7 @@ def test_features_match_timm_pre_logits(ours_name, timm_name, images):
     with torch.no_grad():
         expected = reference(images)
         assert_close(ours(images), expected)
-        if backbones.is_token_model(ours):
+        if ours.capabilities.patch_tokens:
             tokens = reference.forward_features(images)
             if tokens.ndim == 4:  # Swin: (B, H, W, D), final-normed
                 tokens = tokens.flatten(1, 2)

@@ -1,7 +1,8 @@
 """Backbone registry: `create(name, **overrides)` builds any registered variant.
 
 Each architecture lives in one file that exposes its model class and a `VARIANTS` table
-(variant name -> constructor kwargs); the registry is the union of those tables.
+(variant name -> constructor kwargs); the registry is the union of those tables. A built
+backbone declares what it can do beyond its features in `capabilities` (capabilities.py).
 """
 
 from __future__ import annotations
@@ -67,12 +68,6 @@ def all_arguments(name: str, overrides: dict) -> dict:
     cls, cfg = _REGISTRY[name]
     defaults = {key: parameter.default for key, parameter in inspect.signature(cls).parameters.items()}
     return {**defaults, **cfg, **overrides}
-
-
-def is_token_model(model: nn.Module) -> bool:
-    """True for backbones that give patch tokens and accept iBOT masks."""
-    return hasattr(model, "forward_features")
-
 
 
 # Last: exported.py builds backbones through this module's registry.

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitrail.backbones.capabilities import Capabilities
 from vitrail.backbones.vit import Block
 from vitrail.errors import VitrailError
 
@@ -116,6 +117,8 @@ class Conformer(nn.Module):
     both official heads are built and `forward` returns the sum of their logits, the
     paper's inference rule (Section 3.3).
     """
+
+    capabilities = Capabilities()
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitrail.backbones.capabilities import Capabilities
 from vitrail.backbones.vit import DropPath
 
 # Table 1 of the paper: stage widths, key dim D, heads per stage and depths.
@@ -216,6 +217,8 @@ class LeViT(nn.Module):
     With `num_classes`, both the class head and the distillation head are built and `forward`
     returns their mean, the paper's inference rule.
     """
+
+    capabilities = Capabilities()
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitrail.backbones.capabilities import Capabilities
 from vitrail.backbones.vit import DropPath
 
 # Table 9-11 of the paper / official model definitions. Each block row is
@@ -256,6 +257,8 @@ class MergeHead(nn.Module):
 
 class MobileFormer(nn.Module):
     """Mobile-Former backbone; features are the merged CNN + token vector before the classifier."""
+
+    capabilities = Capabilities()
 
     def __init__(
         self,

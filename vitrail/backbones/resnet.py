@@ -9,6 +9,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import resnet18, resnet50
 
+from vitrail.backbones.capabilities import Capabilities
+
 VARIANTS = {
     "resnet18": dict(depth=18),
     "resnet50": dict(depth=50),
@@ -36,4 +38,5 @@ def build_resnet(depth: int = 50, in_chans: int = 3, small_images: bool = False,
     if num_classes == 0:
         model.fc = nn.Identity()
     model.embed_dim = embed_dim
+    model.capabilities = Capabilities()
     return model

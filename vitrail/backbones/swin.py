@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitrail.backbones.capabilities import Capabilities
 from vitrail.backbones.vit import DropPath, Mlp
 
 # Table 1 / Section 3.3 of the paper: C, layer numbers and heads (head dim 32), window 7.
@@ -191,6 +192,8 @@ class SwinTransformer(nn.Module):
 
     `base_dim` is the paper's C (stage-1 width); `embed_dim` (the feature width) is 8C.
     """
+
+    capabilities = Capabilities(patch_tokens=True)
 
     def __init__(
         self,

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitrail.backbones.capabilities import Capabilities
+
 VARIANTS = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -114,6 +116,8 @@ class VisionTransformer(nn.Module):
     least one patch runs, with the patch position embeddings interpolated bicubically
     (the CLS position is kept as is).
     """
+
+    capabilities = Capabilities(patch_tokens=True, block_cls=True, cls_attention=True)
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ FEATURE_MODES = ("cls", "last4", "cls_avgpool")
 def default_probe_features(backbone: nn.Module) -> str:
     """DINO's probe features: last4 for ViTs narrower than ViT-B (768), cls_avgpool from ViT-B up;
     other backbones give their forward features (cls)."""
-    if not hasattr(backbone, "intermediate_cls"):
+    if not backbone.capabilities.block_cls:
         return "cls"
     return "last4" if backbone.embed_dim < 768 else "cls_avgpool"
 
@@ -39,9 +39,9 @@ def default_probe_features(backbone: nn.Module) -> str:
 def check_mode(backbone: nn.Module, mode: str, name: str = "this backbone") -> None:
     if mode not in FEATURE_MODES:
         raise VitrailError(f"unknown feature mode {mode!r}; expected one of {', '.join(FEATURE_MODES)}")
-    if mode == "last4" and not hasattr(backbone, "intermediate_cls"):
+    if mode == "last4" and not backbone.capabilities.block_cls:
         raise VitrailError(f"feature mode 'last4' needs a ViT (per-block CLS tokens); {name} has none: use cls or cls_avgpool")
-    if mode == "cls_avgpool" and not hasattr(backbone, "forward_features"):
+    if mode == "cls_avgpool" and not backbone.capabilities.patch_tokens:
         raise VitrailError(f"feature mode 'cls_avgpool' needs a token model (patch tokens); {name} has none: use cls")
 
 

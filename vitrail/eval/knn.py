@@ -55,15 +55,15 @@ def knn_predict(train_features, train_labels, test_features, ks=(20,), temperatu
     """{k: (N_test, min(5, k)) int64 classes, best first} for every k in `ks`.
 
     Features are (N, D) torch tensors or numpy arrays, memory-mapped ones included, and labels
-    (N,) integers; `num_classes` defaults to max train label + 1. One exact FAISS search
-    (IndexFlatIP) with max(ks) neighbours serves every k; it runs on the GPU when FAISS sees one.
+    (N,) integers; `num_classes` defaults to max train label + 1. One exact FAISS inner-product
+    search with max(ks) neighbours serves every k; it runs on the GPU when FAISS sees one.
 
-    Memory: the index holds the normalised train set (N_train x D float32); our own chunks stay
+    Memory: the normalised train set (N_train x D float32) is held once; our own chunks stay
     under `max_memory_mb`, and FAISS's and BLAS's work buffers come on top (a few MB at
-    1.28M x 768, see benchmarks/knn_memory.py). Features are never copied whole: the index is
-    filled and the test set searched in chunks normalised on the fly. Chunks below a few
-    thousand queries slow FAISS's CPU search down a lot (per-call overhead, and its non-BLAS
-    path for small batches), so keep the budget generous. FAISS uses `num_threads` OpenMP
+    1.28M x 768, see benchmarks/knn_memory.py). Features are never copied whole: the train set
+    is normalised and the test set searched in chunks. Chunks below a few thousand queries slow
+    FAISS's CPU search down a lot (per-call overhead, and its non-BLAS path for small batches),
+    so keep the budget generous. FAISS uses `num_threads` OpenMP
     threads; default: the cores this process may run on.
     """
     train_features, test_features = feature_rows(train_features, "train"), feature_rows(test_features, "test")
@@ -89,15 +89,15 @@ def knn_predict(train_features, train_labels, test_features, ks=(20,), temperatu
     train_chunk = max(1, budget // (ROW_BYTES_PER_DIM * dim))
 
     faiss.omp_set_num_threads(num_threads or len(os.sched_getaffinity(0)))
-    index = _flat_index(train_features, train_chunk)
-    if faiss.get_num_gpus() > 0:
-        gpu_resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(gpu_resources, 0, index)
+    bank = _normalized_bank(train_features, train_chunk)
+    gpu = faiss.StandardGpuResources() if faiss.get_num_gpus() > 0 else None
 
     predictions = {k: [] for k in ks}
     for start in range(0, len(test_features), chunk):
         queries = normalized_rows(test_features, start, start + chunk, "test")
-        similarities, neighbours = index.search(queries.numpy(), search_k)
+        similarities, neighbours = (
+            faiss.knn_gpu(gpu, queries.numpy(), bank, search_k, metric=faiss.METRIC_INNER_PRODUCT) if gpu
+            else faiss.knn(queries.numpy(), bank, search_k, faiss.METRIC_INNER_PRODUCT))
         similarities, neighbours = _ranked_neighbours(
             torch.from_numpy(similarities), torch.from_numpy(neighbours), queries, train_features, max_k, budget)
         neighbour_labels = train_labels[neighbours]  # (B, max_k)
@@ -110,18 +110,15 @@ def knn_predict(train_features, train_labels, test_features, ks=(20,), temperatu
     return {k: torch.cat(ranked) for k, ranked in predictions.items()}
 
 
-def _flat_index(train_features, chunk_rows):
-    """An IndexFlatIP of the normalised train rows, written a chunk at a time straight into the
-    index's storage (raw float32 rows): `index.add` per chunk would grow that storage by doubling,
-    each time copying it, a transient third of the index at 1.28M rows."""
-    rows, dim = train_features.shape
-    index = faiss.IndexFlatIP(dim)
-    index.codes.resize(rows * dim * 4)
-    storage = faiss.rev_swig_ptr(index.codes.data(), rows * dim * 4).view(np.float32).reshape(rows, dim)
-    for start in range(0, rows, chunk_rows):
-        storage[start:start + chunk_rows] = normalized_rows(train_features, start, start + chunk_rows, "train").numpy()
-    index.ntotal = rows
-    return index
+def _normalized_bank(train_features, chunk_rows):
+    """The normalised train rows in one float32 array, filled a chunk at a time. FAISS searches it
+    as it is (`faiss.knn`, an exact search without an index): an index would hold a copy of its
+    own, and filling one with `index.add` per chunk grows that copy by doubling, a transient third
+    of the index at 1.28M rows (BENCHMARKS.md, k-NN memory)."""
+    bank = np.empty(train_features.shape, np.float32)
+    for start in range(0, len(bank), chunk_rows):
+        bank[start:start + chunk_rows] = normalized_rows(train_features, start, start + chunk_rows, "train").numpy()
+    return bank
 
 
 def _ranked_neighbours(similarities, neighbours, queries, train_features, max_k, budget):

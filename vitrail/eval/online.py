@@ -108,10 +108,10 @@ class OnlineMonitor:
                                   max_pixels=self.config.data.max_image_pixels))
 
     def has_attention(self, backbone: nn.Module) -> bool:
-        if not hasattr(backbone, "last_self_attention") and not self._attention_skipped:
+        if not backbone.capabilities.cls_attention and not self._attention_skipped:
             log.warning("no attention maps: the %s backbone has no CLS-token attention", type(backbone).__name__)
             self._attention_skipped = True
-        return hasattr(backbone, "last_self_attention")
+        return backbone.capabilities.cls_attention
 
     def attention_grid(self, backbone: nn.Module):
         data = self.config.data

@@ -71,7 +71,7 @@ class Trainer:
         if world_size > 1 and config.model.sync_batchnorm:
             # Student and EMA teacher alike: both normalise by batch statistics in training mode.
             self.method = sync_batchnorm.convert(self.method, self.device)
-        float32_norms(self.method)  # after the conversion, which on CUDA builds new BatchNorm layers
+        float32_norms(self.method)  # after the conversion, which builds new BatchNorm layers
         self.recipe = config.optim.recipe()
         self.optimizer = self.method.optimizer(self.recipe)
         self.step = 0

@@ -1,12 +1,11 @@
 """`vitrail report RUN_DIR...`: runs side by side, as a markdown table and loss / online k-NN plots.
 
-A run's curves come from its metrics.jsonl, or, where that is gone, from its wandb run files.
+A run's curves come from its metrics.jsonl, which training writes whatever `run.tracking` is.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import yaml
 
 from vitrail import storage
 from vitrail.errors import VitrailError
-from vitrail.launch.tracking import read_offline_history
 
 COLUMNS = ("run", "method", "backbone", "steps", "final loss", "online k-NN top-1", "k-NN top-1", "linear top-1")
 PLOTS = {"loss.png": ("loss", "loss"), "knn.png": ("knn/top1", "online k-NN top-1 (%)")}
@@ -52,19 +50,14 @@ class RunSummary:
 def history(run_dir: str) -> list[dict]:
     """The run's logged rows, those of one step merged (scalars and online k-NN are separate rows)."""
     path = storage.join(run_dir, "metrics.jsonl")
-    if storage.exists(path):
-        rows = []
-        for number, line in enumerate(storage.read_text(path).splitlines(), 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise VitrailError(f"{path} line {number} is not JSON: {line[:80]!r}") from None
-    elif storage.is_local(run_dir):
-        rows = read_offline_history(run_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="vitrail-wandb-") as copy:
-            storage.download_tree(storage.join(run_dir, "wandb"), Path(copy) / "wandb")
-            rows = read_offline_history(copy)
+    if not storage.exists(path):
+        raise VitrailError(f"{path} does not exist: the report reads a run's curves from the metrics.jsonl its training writes")
+    rows = []
+    for number, line in enumerate(storage.read_text(path).splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise VitrailError(f"{path} line {number} is not JSON: {line[:80]!r}") from None
     by_step: dict[int, dict] = {}
     for row in rows:
         by_step.setdefault(row["step"], {}).update(row)

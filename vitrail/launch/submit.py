@@ -122,18 +122,30 @@ def cluster_down(dashboard_port: int = 8265, grace_seconds: float = 10) -> int:
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    headers = _auth_headers()
     try:
-        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-    except ImportError:  # a Ray from before token authentication
-        pass
-    else:
-        # `ray start` turns token auth on when ~/.ray/auth_token exists, but a Jobs client sends the
-        # token only in token mode: do what `ray.init` does for a driver and use it when there is one.
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers)
     except Exception as error:  # connection errors come in several types
         raise VitrailError(f"cannot reach the Ray Jobs API at {address}: {error}; start one with `vitrail cluster up`") from None
+
+
+def _auth_headers() -> dict[str, str]:
+    """The Ray token as a bearer header, from where Ray's token-auth docs say a client finds it:
+    RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token. `ray start`
+    turns token auth on when that file exists, but Ray's Jobs client sends the token only when
+    RAY_AUTH_MODE=token; where RAY_AUTH_MODE is set at all, Ray's client follows it alone."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+        path = Path(named) if named else Path.home() / ".ray" / "auth_token"
+        try:
+            token = path.read_text().strip()
+        except FileNotFoundError:
+            if named:
+                raise VitrailError(f"RAY_AUTH_TOKEN_PATH names {path}, which does not exist") from None
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def submit(config: Config, address: str = LOCAL_ADDRESS, evaluate: bool = True) -> str:

@@ -75,8 +75,21 @@ def convert(module: nn.Module, device: torch.device) -> nn.Module:
     buffers and state-dict keys (checkpoints still load into an unconverted model)."""
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for layer in module.modules():
-        if isinstance(layer, _BatchNorm):
-            # Only `forward` changes, so the layer is re-classed in place rather than rebuilt.
-            layer.__class__ = CPUSyncBatchNorm
-    return module
+    return _cpu_sync(module)
+
+
+def _cpu_sync(module: nn.Module) -> nn.Module:
+    """As torch's `convert_sync_batchnorm`: each BatchNorm becomes a new layer holding the same
+    parameter and buffer tensors, so an optimizer or EMA built over the model still sees them."""
+    converted = module
+    if isinstance(module, _BatchNorm):
+        converted = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                     module.track_running_stats)
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        converted.running_mean, converted.running_var = module.running_mean, module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+    for name, child in module.named_children():
+        converted.add_module(name, _cpu_sync(child))
+    return converted

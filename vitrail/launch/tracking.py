@@ -3,7 +3,8 @@ Images go to `images/<name>_step<N>.png` in the run dir and to the same backend.
 
 wandb runs offline unless WANDB_API_KEY is set (no network call then), keeps its files in
 the run dir, and reuses the run id stored there so a resumed run continues the same curve.
-`read_offline_history` reads the history back from wandb's own run files.
+Nothing here reads wandb's run files back (their format is wandb's own, with no public reader):
+metrics.jsonl holds the same rows.
 
 wandb and TensorBoard write to local files as they go, and an object cannot be appended to: for a
 run dir on object storage these files live in a local folder and are copied to the run dir at
@@ -16,11 +17,9 @@ import json
 import os
 import re
 import secrets
-import struct
 import shutil
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -142,71 +141,3 @@ def dashboard_command(run_dirs: list[str | Path], port: int = 6006) -> list[str]
         specs.append(f"{storage.name(storage.absolute(run_dir))}:{Path(events).resolve()}")
     return [sys.executable, "-m", "tensorboard.main", "--logdir_spec", ",".join(specs),
             "--host", "127.0.0.1", "--port", str(port)]
-
-
-# A wandb run file (`run-<id>.wandb`) is a leveldb-style log (leveldb's doc/log_format.md): a
-# 7-byte header (":W&B", magic, version), then 32 KiB blocks of records, each a 7-byte header
-# (crc32 of the type byte and data, length, type) and its data. A record too long for its block
-# goes in FIRST, MIDDLE... LAST fragments; a block tail shorter than a header is padding. Every
-# whole record is one of wandb's own protobuf `Record` messages.
-_BLOCK_BYTES = 32768
-_FILE_HEADER = struct.Struct("<4sHB")
-_RECORD_HEADER = struct.Struct("<IHB")
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def wandb_records(path: str | Path) -> list:
-    """The `wandb_internal_pb2.Record` messages of one run file, in order. A torn last record (a
-    killed run) ends the list; a checksum mismatch is an error naming the file and offset."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = Path(path).read_bytes()
-    if len(data) < _FILE_HEADER.size or _FILE_HEADER.unpack_from(data)[0] != b":W&B":
-        raise VitrailError(f"{path} is not a wandb run file (no ':W&B' header)")
-    records, fragments, position = [], [], _FILE_HEADER.size
-    while position + _RECORD_HEADER.size <= len(data):
-        block_left = _BLOCK_BYTES - position % _BLOCK_BYTES
-        if block_left < _RECORD_HEADER.size:
-            position += block_left
-            continue
-        checksum, length, kind = _RECORD_HEADER.unpack_from(data, position)
-        start = position + _RECORD_HEADER.size
-        if kind == 0 or start + length > len(data):
-            break
-        payload = data[start:start + length]
-        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != checksum:
-            raise VitrailError(f"{path}: record at byte {position} fails its checksum; the file is damaged")
-        position = start + length
-        if kind in (_FULL, _FIRST):
-            fragments = []
-        fragments.append(payload)
-        if kind in (_FULL, _LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(fragments))
-            records.append(record)
-    return records
-
-
-def read_offline_history(run_dir: str | Path) -> list[dict]:
-    """The history the run in `run_dir` logged to wandb, read from wandb's run files (a resumed
-    run's one per start, oldest first): one {"step": N, key: value} per wandb history row,
-    without wandb's own `_step`/`_runtime`/`_timestamp`; images come back as wandb's metadata dicts."""
-    files = sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb"), key=lambda path: path.parent.name.split("run-", 1)[1])
-    if not files:
-        raise VitrailError(f"{run_dir} holds no wandb run files (wandb/*run-*/run-*.wandb)")
-    rows = []
-    for path in files:
-        for record in wandb_records(path):
-            if record.WhichOneof("record_type") != "history":
-                continue
-            row = {"step": record.history.step.num}
-            for item in record.history.item:
-                keys = list(item.nested_key) or [item.key]
-                if keys[0].startswith("_"):
-                    continue
-                node = row
-                for key in keys[:-1]:
-                    node = node.setdefault(key, {})
-                node[keys[-1]] = json.loads(item.value_json)
-            rows.append(row)
-    return rows

@@ -14,7 +14,7 @@
     method.backbone_for_eval(), method.backbone_pair()
 
 A method reads what a backbone can do from what the backbone declares (`patch_size`,
-`token_stride`, a `mask_token` argument), never by probing its type.
+`token_stride`, `capabilities`, a `mask_token` argument), never by probing its type.
 """
 
 from __future__ import annotations
