@@ -21,7 +21,6 @@ threads, one DataLoader worker for the views (PIL, as lightly makes them).
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import random
 import statistics
@@ -192,7 +191,7 @@ def main() -> None:
         scores.setdefault("reference (timm + lightly), fp32", []).append(top1)
         print(f"seed {seed} reference: {steps} steps in {seconds:.0f} s, k-NN {top1:.2f}", flush=True)
 
-    print(f"\n| run | seeds | k-NN top-1 (k=20), mean ± std | per seed |\n|---|---|---|---|")
+    print("\n| run | seeds | k-NN top-1 (k=20), mean ± std | per seed |\n|---|---|---|---|")
     for name, values in scores.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"| {name} | {len(values)} | {statistics.mean(values):.2f} ± {spread:.2f} | "

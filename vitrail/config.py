@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vitrail import backbones
+from vitrail import backbones, storage
 from vitrail.errors import VitrailError
 from vitrail.pipelines.decode import MAX_IMAGE_PIXELS
 from vitrail.pipelines.views import Normalization
@@ -215,6 +215,17 @@ class Config(Section):
         if self.eval.knn_every and not (self.data.eval_train_shards and self.data.eval_test_shards):
             raise ValueError("eval.knn_every needs data.eval_train_shards and data.eval_test_shards")
         return self
+
+    def make_paths_absolute(self) -> None:
+        """The local run dir, shard and init_from paths made absolute from this process's working
+        directory (Ray workers and Ray Jobs run elsewhere); URLs stay as they are. A URL of an
+        unknown scheme fails here."""
+        self.run.dir = storage.absolute(self.run.dir)
+        if self.model.init_from:
+            self.model.init_from = storage.absolute(self.model.init_from)
+        for field in ("shards", "eval_train_shards", "eval_test_shards"):
+            if getattr(self.data, field):
+                setattr(self.data, field, storage.absolute(getattr(self.data, field)))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

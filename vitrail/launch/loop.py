@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -212,22 +211,11 @@ def _progress(total: int, initial: int, enabled: bool):
                 mininterval=2.0, dynamic_ncols=True)
 
 
-def absolute_paths(config: Config) -> None:
-    """Make the local run dir and shard paths absolute, from this process's working directory (Ray
-    workers and Ray Jobs run elsewhere); URLs stay as they are. A URL of an unknown scheme fails here."""
-    config.run.dir = storage.absolute(config.run.dir)
-    if config.model.init_from:
-        config.model.init_from = str(Path(config.model.init_from).resolve())
-    for field in ("shards", "eval_train_shards", "eval_test_shards"):
-        if getattr(config.data, field):
-            setattr(config.data, field, storage.absolute(getattr(config.data, field)))
-
-
 def start_run(config: Config, reset: bool = False) -> ShardIndex:
     """Check the shards, and that the run dir's checkpoints are of this model and method (with `reset`,
     move the previous run aside instead), then record the config (paths made absolute) in the run dir;
     returns the shard index. Call it holding the run dir's lock."""
-    absolute_paths(config)
+    config.make_paths_absolute()
     index = read_index(config.data.shards)
     run_dir = config.run.dir
     storage.check_readable(run_dir, "run dir")

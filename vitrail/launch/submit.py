@@ -8,6 +8,7 @@ environment, never from the submitter's config or logs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -23,7 +24,9 @@ from typing import TYPE_CHECKING
 import psutil
 
 import vitrail
+from vitrail.cluster import LOOPBACK_ENV
 from vitrail.errors import VitrailError
+from vitrail.launch.lock import check_free
 
 if TYPE_CHECKING:  # the training modules pull in torch: `vitrail shard` and `jobs` start faster without them
     from vitrail.config import Config
@@ -76,8 +79,6 @@ def cluster_up(num_cpus: int | None = None, dashboard_port: int = 8265) -> str:
                            f"stop it with `vitrail cluster down --dashboard-port {dashboard_port}`")
     folder = cluster_dir(dashboard_port)
     folder.mkdir(parents=True, exist_ok=True)
-    from vitrail.cluster import LOOPBACK_ENV
-
     env = {**os.environ, **LOOPBACK_ENV}
     command = _ray_command("start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                            f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus or os.cpu_count()}",
@@ -150,11 +151,7 @@ def _auth_headers() -> dict[str, str]:
 
 def submit(config: Config, address: str = LOCAL_ADDRESS, evaluate: bool = True) -> str:
     """Submit `config` as a Ray Job that pretrains (then runs the k-NN eval when eval shards are set)."""
-    from vitrail.launch.lock import check_free
-    from vitrail.launch.loop import absolute_paths
-    from vitrail.cluster import LOOPBACK_ENV
-
-    absolute_paths(config)  # the job runs in a scratch working dir
+    config.make_paths_absolute()  # the job runs in a scratch working dir
     check_free(config.run.dir)  # the job's `pretrain` takes the lock; a run holding it fails the submission now
     on_this_machine = any(host in address for host in ("127.0.0.1", "localhost"))
     # A head on this machine is `vitrail cluster up`'s, started from this interpreter's environment;
@@ -182,7 +179,6 @@ def logs(job_id: str, address: str = LOCAL_ADDRESS, follow: bool = False) -> Non
     if not follow:
         print(client.get_job_logs(job_id), end="")
         return
-    import asyncio
 
     async def tail():
         async for lines in client.tail_job_logs(job_id):
