@@ -2,7 +2,7 @@
 whether the Ray Data view stream keeps up.
 
     python benchmarks/gpu.py                          # CUDA: the paper's recipe at batch 64 per GPU
-    python benchmarks/gpu.py --device cpu --steps 2   # the same code on the CPU (the suite's smoke test)
+    python benchmarks/gpu.py --device cpu --steps 1   # the same code on the CPU (the suite's smoke test)
 
 The step is the real one (`vitrail.launch.loop.Trainer.train_step`) on `configs/dino_vit_small.yaml`:
 2 x 224 + 10 x 96 crops, K = 65536, AdamW, EMA teacher, in the precision `run.precision` picks

@@ -11,7 +11,7 @@ the bank, the 10,000 test images the queries, 28 px, no crop), vitrail's extract
 same shards.
 
 The reference is the demo's recipe built from other people's parts: timm's ViT-Tiny cut to the
-demo's shape (28 px, 4-px patches, 1 channel, 4 blocks), lightly's `DINOTransform`,
+demo's shape (image size, patch size, channels and depth from the config), lightly's `DINOTransform`,
 `DINOProjectionHead` and `DINOLoss`, and DINO's training loop as main_dino.py runs it (AdamW with
 biases and norms undecayed, linear warm-up then cosine learning rate, per-tensor gradient clip,
 last layer frozen for the first epoch, cosine teacher momentum). One process, fp32, 2 torch
@@ -59,11 +59,11 @@ def knn_top1(backbone: nn.Module, normalization, train_shards: str, test_shards:
     return knn_classify(*bank, *queries, k=20, temperature=0.07)["top1"]
 
 
-def train_vitrail(seed: int, precision: str, train_shards: str):
-    """(teacher backbone, config, wall seconds, steps) of the demo's run."""
+def train_vitrail(seed: int, precision: str, train_shards: str, overrides: tuple[str, ...] = ()):
+    """(teacher backbone, config, wall seconds, steps) of the demo's run, `overrides` on top."""
     with tempfile.TemporaryDirectory() as run_dir:
         config = load(CONFIG, [f"data.shards={train_shards}", f"run.dir={run_dir}", f"run.seed={seed}",
-                               f"run.precision={precision}", "run.tracking=none", "eval.knn_every=0"])
+                               f"run.precision={precision}", "run.tracking=none", "eval.knn_every=0", *overrides])
         torch.set_num_threads(THREADS)
         started = time.perf_counter()
         trainer = pretrain(config, progress=False)
@@ -114,8 +114,11 @@ def train_reference(seed: int, budget_seconds: float, config):
     lr = optim.lr * optim.batch_size / 256
 
     def network():
-        backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=28,
-                                     patch_size=4, in_chans=1, depth=4, drop_path_rate=0.0, dynamic_img_size=True)
+        shape = config.model.kwargs  # the demo's ViT-Tiny cut: image size, patch size, depth
+        backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                                     img_size=shape["img_size"], patch_size=shape["patch_size"],
+                                     in_chans=config.data.channels, depth=shape["depth"],
+                                     drop_path_rate=config.model.drop_path_rate, dynamic_img_size=True)
         head = DINOProjectionHead(backbone.embed_dim, method.hidden_dim, method.bottleneck_dim, method.out_dim,
                                   batch_norm=False, freeze_last_layer=1, norm_last_layer=True)
         return nn.ModuleDict({"backbone": backbone, "head": head})

@@ -136,10 +136,13 @@ def bad_shards(tmp_path_factory):
     return root, bad
 
 
-def _config(root, run_dir, **run):
+def _config(root, run_dir, method=None):
+    """DINO's tiny recipe, or `method`'s section, over every batch the intact samples fill."""
     good_batches = (SAMPLES - CORRUPT - LOST_IN_TAR) // BATCH
-    return from_dict(tiny_config_tree(root, run_dir, run={"tracking": "none", "precision": "fp32", **run},
-                                      optim={"epochs": 1, "batch_size": BATCH, "max_steps": good_batches}))
+    tree = tiny_config_tree(root, run_dir, run={"tracking": "none", "precision": "fp32"},
+                            optim={"epochs": 1, "batch_size": BATCH, "max_steps": good_batches})
+    tree["method"] = method or tree["method"]
+    return from_dict(tree)
 
 
 def _last_metrics(run_dir) -> dict:
@@ -193,9 +196,12 @@ def test_ray_trains_to_the_end_and_counts_every_bad_sample(ray_cluster, bad_shar
     from vitrail.launch.train import pretrain
 
     root, bad = bad_shards
-    run_dir = Path(pretrain(_config(root, tmp_path / "run"), dashboard=False))
+    # RotNet: its rotation views under Ray Train here, DeepCluster's single crop in
+    # tests/ssl/test_methods_ray.py, DINO's multi-crop in tests/test_train_ray.py.
+    rotnet = {"name": "rotnet", "crop_size": 28, "crop_scale": [0.6, 1.0]}
+    run_dir = Path(pretrain(_config(root, tmp_path / "run", rotnet), dashboard=False))
     assert _last_metrics(run_dir)["step"] == (SAMPLES - len(bad)) // BATCH
-    assert _last_metrics(run_dir)["data/skipped"] == len(bad)
+    assert _last_metrics(run_dir)["data/skipped"] == len(bad) and "rotation_accuracy" in _last_metrics(run_dir)
 
 
 def test_ray_dataset_counts_a_missing_shard(ray_cluster, bad_shards, tmp_path):

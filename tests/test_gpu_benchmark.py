@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_benchmark_runs_on_the_cpu_and_prints_its_row():
     # The stream starts its own Ray cluster, so the session cluster's loopback settings go with it.
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--steps", "2"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--steps", "1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))

@@ -65,8 +65,8 @@ def has_batchnorm(backbone: str) -> bool:
 
 # ResNet-18 has no width to shrink, and a CPU without bf16 instructions runs its bf16 convolutions
 # 20x slower than float32 (1.0 s against 19.4 s per batch of 16 at 32 px on an AVX2-only EPYC):
-# it trains on 16-px global and 8-px local crops instead.
-SMALLER_CROPS = {"resnet18": {"global_crop_size": 16, "local_crop_size": 8, "crop_size": 16}}
+# it trains on 8-px global and 4-px local crops instead (its last stage still sees a 1 x 1 map).
+SMALLER_CROPS = {"resnet18": {"global_crop_size": 8, "local_crop_size": 4, "crop_size": 8}}
 
 
 def case_tree(shards, run_dir, method: str, backbone: str, precision: str, **model) -> dict:
@@ -136,6 +136,8 @@ def test_two_workers_with_sync_batchnorm_in_both_precisions(ray_cluster, fashion
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from vitrail import checkpoints
+
     # The workers cannot import this test module: its functions travel by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     # Every BatchNorm family in both precisions, each with another method, so that the four methods
@@ -157,6 +159,9 @@ def test_two_workers_with_sync_batchnorm_in_both_precisions(ray_cluster, fashion
 
     trees = {f"{m}/{b}/{p}": case_tree(fashion_shards, tmp_path / f"{m}-{b}-{p}", m, b, p, sync_batchnorm=True)
              for m, b, p in cases}
+    # The control: the same ResNet-18 run without model.sync_batchnorm.
+    plain = "rotnet/resnet18/fp32 without sync_batchnorm"
+    trees[plain] = case_tree(fashion_shards, tmp_path / "plain", "rotnet", "resnet18", "fp32", sync_batchnorm=False)
     TorchTrainer(train_all, train_loop_config=trees,
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                  run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
@@ -164,5 +169,16 @@ def test_two_workers_with_sync_batchnorm_in_both_precisions(ray_cluster, fashion
     for label in trees:
         for rank, results in enumerate(ranks):
             check(results[label], f"{label} rank {rank}", logs=rank == 0)
+    for label in [f"{m}/{b}/{p}" for m, b, p in cases]:
         # Each rank saw other images, yet both hold the same BatchNorm statistics: synchronised.
         assert ranks[0][label]["running_stats"] and ranks[0][label]["running_stats"] == ranks[1][label]["running_stats"], label
+    # Without it, each rank ends on its own batch's statistics (rank 0's reach the others only at the next forward).
+    assert len(ranks[0][plain]["running_stats"]) == 20  # ResNet-18's 20 BN layers
+    assert not any(ranks[0][plain]["running_stats"][key] == ranks[1][plain]["running_stats"][key]
+                   for key in ranks[0][plain]["running_stats"])
+    # The synchronised run's checkpoint loads into the one-process trainer: SyncBatchNorm keeps BatchNorm's keys.
+    synced = "rotnet/resnet18/fp32"
+    local = Trainer(from_dict(trees[synced]), read_index(trees[synced]["data"]["shards"]).num_samples)
+    local.restore(checkpoints.load(trees[synced]["run"]["dir"]))
+    restored = {name: value.tolist() for name, value in local.method.state_dict().items() if name.endswith(".running_mean")}
+    assert restored == ranks[0][synced]["running_stats"]

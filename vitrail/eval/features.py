@@ -45,9 +45,12 @@ def check_mode(backbone: nn.Module, mode: str, name: str = "this backbone") -> N
         raise VitrailError(f"feature mode 'cls_avgpool' needs a token model (patch tokens); {name} has none: use cls")
 
 
-def cls_columns(mode: str, embed_dim: int) -> slice:
-    """Where the final CLS token (the k-NN features) sits inside the features of `mode`."""
-    return {"cls": slice(None), "last4": slice(-embed_dim, None), "cls_avgpool": slice(0, embed_dim)}[mode]
+def cls_columns(mode: str, embed_dim: int | None = None) -> slice:
+    """Where the final CLS token (the k-NN features) sits inside the features of `mode`; `embed_dim`
+    is needed for the modes that hold more than it (raw pixels, always `cls`, have none)."""
+    if mode == "cls":
+        return slice(None)
+    return {"last4": slice(-embed_dim, None), "cls_avgpool": slice(0, embed_dim)}[mode]
 
 
 def frozen_features(backbone: nn.Module, images: torch.Tensor, mode: str = "cls") -> torch.Tensor:

@@ -77,7 +77,7 @@ def evaluate(path, protocols=("knn",), train_shards=None, test_shards=None, ks=D
             train, test = split_features
             row = {"features": name, "samples_train": len(train.labels), "samples_test": len(test.labels)}
             if "knn" in results:
-                columns = cls_columns(mode, getattr(model, "embed_dim", train.features.shape[1]))
+                columns = cls_columns(mode, None if mode == "cls" else model.embed_dim)
                 accuracies, _ = knn_in_subprocess(train.folder, test.folder, columns, ks, temperature,
                                                   max_memory_mb=knn_memory_mb, num_threads=faiss_threads,
                                                   test_label_map=label_map)
