@@ -22,16 +22,12 @@ reference alike).
 from __future__ import annotations
 
 import argparse
-import math
-
 import numpy as np
-import timm
 import torch
 from lightly.loss import DINOLoss as LightlyDINOLoss
-from lightly.models.modules import DINOProjectionHead
-from lightly.transforms import DINOTransform
 from lightly.utils.scheduler import cosine_schedule
 from PIL import Image
+from reference_dino import reference_lr, reference_network, reference_transform
 
 from vitrail import backbones
 from vitrail.config import load
@@ -75,9 +71,7 @@ def schedules(config, num_samples: int = 60000) -> None:
     worst_lr = worst_decay = worst_momentum = 0.0
     for step in range(total):
         ours = recipe.at(step, steps_per_epoch, total, optim.batch_size)
-        reference_lr = (lr * step / warmup if step < warmup else
-                        optim.min_lr + (lr - optim.min_lr) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2)
-        worst_lr = max(worst_lr, abs(ours["lr"] - reference_lr) / lr)
+        worst_lr = max(worst_lr, abs(ours["lr"] - reference_lr(step, lr, optim.min_lr, warmup, total)) / lr)
         worst_decay = max(worst_decay, abs(ours["weight_decay"] - optim.weight_decay))
         worst_momentum = max(worst_momentum, abs(cosine(step, total, method.momentum_teacher, 1.0)
                                                  - cosine_schedule(step, total, method.momentum_teacher, 1.0)))
@@ -99,13 +93,9 @@ def initialisation(config) -> None:
     torch.manual_seed(0)
     shape, method = config.model.kwargs, config.method
     ours = backbones.create(config.model.backbone, **shape, in_chans=config.data.channels)
-    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=shape["img_size"],
-                               patch_size=shape["patch_size"], in_chans=config.data.channels, depth=shape["depth"])
     head_ours = DINOHead(ours.embed_dim, method.out_dim, method.hidden_dim, method.bottleneck_dim)
-    head_theirs = DINOProjectionHead(theirs.embed_dim, method.hidden_dim, method.bottleneck_dim, method.out_dim,
-                                     batch_norm=False, norm_last_layer=True)
     left = _std_by_family({**dict(ours.named_parameters()), **{f"head.{k}": v for k, v in head_ours.named_parameters()}})
-    right = _std_by_family({**dict(theirs.named_parameters()), **{f"head.{k}": v for k, v in head_theirs.named_parameters()}})
+    right = _std_by_family(dict(reference_network(config).named_parameters()))
     print("\n| parameter family | vitrail std | reference std |\n|---|---|---|")
     for family in sorted(set(left) | set(right)):
         print(f"| {family} | {left.get(family, float('nan')):.4f} | {right.get(family, float('nan')):.4f} |")
@@ -120,10 +110,7 @@ def views(config, count: int) -> None:
     ours = {slot: (ours[column][:, index].astype(np.float32) - np.array(data.mean) * 255.0) / scale
             for column, width in (("global", 2), ("local", method.local_crops_number))
             for index, slot in enumerate(f"{column} {i}" for i in range(width))}
-    transform = DINOTransform(global_crop_size=method.global_crop_size, global_crop_scale=tuple(method.global_crops_scale),
-                              local_crop_size=method.local_crop_size, local_crop_scale=tuple(method.local_crops_scale),
-                              n_local_views=method.local_crops_number, sigmas=tuple(method.blur_sigma),
-                              normalize={"mean": list(data.mean), "std": list(data.std)})
+    transform = reference_transform(config)
     torch.manual_seed(0)
     crops = [transform(Image.fromarray(image, mode="L")) for image in images]
     names = [f"global {i}" for i in range(2)] + [f"local {i}" for i in range(method.local_crops_number)]

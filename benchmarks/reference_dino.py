@@ -93,6 +93,35 @@ def clip_per_tensor(model: nn.Module, clip: float) -> None:
                 parameter.grad.mul_(scale)
 
 
+def reference_transform(config) -> DINOTransform:
+    """lightly's DINO views with the config's crops, blur and normalisation."""
+    method, data = config.method, config.data
+    return DINOTransform(global_crop_size=method.global_crop_size, global_crop_scale=tuple(method.global_crops_scale),
+                         local_crop_size=method.local_crop_size, local_crop_scale=tuple(method.local_crops_scale),
+                         n_local_views=method.local_crops_number, sigmas=tuple(method.blur_sigma),
+                         normalize={"mean": list(data.mean), "std": list(data.std)})
+
+
+def reference_network(config) -> nn.ModuleDict:
+    """timm's ViT-Tiny cut to the config's shape (image size, patch size, channels, depth) and lightly's head."""
+    shape, method = config.model.kwargs, config.method
+    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                                 img_size=shape["img_size"], patch_size=shape["patch_size"],
+                                 in_chans=config.data.channels, depth=shape["depth"],
+                                 drop_path_rate=config.model.drop_path_rate, dynamic_img_size=True)
+    head = DINOProjectionHead(backbone.embed_dim, method.hidden_dim, method.bottleneck_dim, method.out_dim,
+                              batch_norm=False, freeze_last_layer=1, norm_last_layer=True)
+    return nn.ModuleDict({"backbone": backbone, "head": head})
+
+
+def reference_lr(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """main_dino.py's learning rate: linear warm-up from 0, then a cosine from `lr` to `min_lr`."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
 def train_reference(seed: int, budget_seconds: float, config):
     """(teacher backbone, wall seconds, steps) of the reference trained for `budget_seconds`."""
     torch.manual_seed(seed)
@@ -100,12 +129,8 @@ def train_reference(seed: int, budget_seconds: float, config):
     np.random.seed(seed)
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
-    method, optim, data = config.method, config.optim, config.data
-    transform = DINOTransform(global_crop_size=method.global_crop_size, global_crop_scale=tuple(method.global_crops_scale),
-                              local_crop_size=method.local_crop_size, local_crop_scale=tuple(method.local_crops_scale),
-                              n_local_views=method.local_crops_number, sigmas=tuple(method.blur_sigma),
-                              normalize={"mean": list(data.mean), "std": list(data.std)})
-    views = torch.utils.data.DataLoader(FashionMNISTViews(transform), batch_size=optim.batch_size, shuffle=True,
+    method, optim = config.method, config.optim
+    views = torch.utils.data.DataLoader(FashionMNISTViews(reference_transform(config)), batch_size=optim.batch_size, shuffle=True,
                                         drop_last=True, num_workers=1, persistent_workers=True,
                                         generator=torch.Generator().manual_seed(seed))
     steps_per_epoch = len(views)
@@ -113,19 +138,9 @@ def train_reference(seed: int, budget_seconds: float, config):
     warmup_steps = int(optim.warmup_epochs * steps_per_epoch)
     lr = optim.lr * optim.batch_size / 256
 
-    def network():
-        shape = config.model.kwargs  # the demo's ViT-Tiny cut: image size, patch size, depth
-        backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
-                                     img_size=shape["img_size"], patch_size=shape["patch_size"],
-                                     in_chans=config.data.channels, depth=shape["depth"],
-                                     drop_path_rate=config.model.drop_path_rate, dynamic_img_size=True)
-        head = DINOProjectionHead(backbone.embed_dim, method.hidden_dim, method.bottleneck_dim, method.out_dim,
-                                  batch_norm=False, freeze_last_layer=1, norm_last_layer=True)
-        return nn.ModuleDict({"backbone": backbone, "head": head})
-
-    student = network()
+    student = reference_network(config)
     # A second build, not a deepcopy: torch cannot deepcopy the head's weight-normed last layer.
-    teacher = network().requires_grad_(False)
+    teacher = reference_network(config).requires_grad_(False)
     teacher.load_state_dict(student.state_dict())
     criterion = DINOLoss(output_dim=method.out_dim, warmup_teacher_temp=method.teacher_temp,
                          teacher_temp=method.teacher_temp, warmup_teacher_temp_epochs=0, student_temp=method.student_temp,
@@ -148,11 +163,7 @@ def train_reference(seed: int, budget_seconds: float, config):
         for crops in views:
             if time.perf_counter() - started >= budget_seconds:
                 break
-            if step < warmup_steps:
-                step_lr = lr * step / warmup_steps
-            else:
-                progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-                step_lr = optim.min_lr + (lr - optim.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+            step_lr = reference_lr(step, lr, optim.min_lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
             with torch.no_grad():
