@@ -3,24 +3,54 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+import sys
 import threading
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Callable, Iterable
 
 import psutil
 
 
 def listening(processes: Iterable[psutil.Process]) -> set[tuple[str, int, str]]:
-    """(address, port, process name) of every listening TCP socket the processes hold (read from
-    /proc/net/tcp and tcp6 through each process's socket inodes, as `ss -ltnp` does)."""
-    found = set()
+    """(address, port, process name) of every listening TCP socket the processes hold, as `ss -ltnp`
+    finds them: the socket inodes among each process's open files, looked up in the kernel's TCP
+    tables of the process's network namespace. Each table is read once per call (psutil's
+    `net_connections` reads both per process: 0.2 s of CPU per sample of a Ray node's 21 processes,
+    half a core at 5 samples a second, taken from the run being watched)."""
+    found, tables = set(), {}
     for process in processes:
-        with suppress(psutil.Error):
+        with suppress(psutil.Error, OSError):
             name = process.name()
-            for connection in process.net_connections(kind="tcp"):
-                if connection.status == psutil.CONN_LISTEN:
-                    found.add((connection.laddr.ip, connection.laddr.port, name))
+            namespace = os.readlink(f"/proc/{process.pid}/ns/net")
+            if namespace not in tables:
+                tables[namespace] = _listening_sockets(process.pid)
+            for fd in os.listdir(f"/proc/{process.pid}/fd"):
+                with suppress(OSError):
+                    target = os.readlink(f"/proc/{process.pid}/fd/{fd}")
+                    if target.startswith("socket:[") and int(target[8:-1]) in tables[namespace]:
+                        found.add((*tables[namespace][int(target[8:-1])], name))
     return found
+
+
+def _listening_sockets(pid: int) -> dict[int, tuple[str, int]]:
+    """{socket inode: (address, port)} of the LISTEN rows in /proc/PID/net/tcp and tcp6."""
+    sockets = {}
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with suppress(FileNotFoundError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == _LISTEN:
+                    address, port = fields[1].split(":")
+                    # The kernel prints the address as native-endian 32-bit words.
+                    packed = b"".join(int(address[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(address), 8))
+                    sockets[int(fields[9])] = (socket.inet_ntop(family, packed), int(port, 16))
+    return sockets
+
+
+_LISTEN = "0A"
 
 
 def tree(roots: Iterable[psutil.Process]) -> list[psutil.Process]:

@@ -123,8 +123,15 @@ def test_the_matrix_trains_every_registered_method_through_the_contract():
     assert all(issubclass(method, Method) for _, method in ssl.METHODS.values())
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("method, backbone", CASES, ids=[f"{m}-{b}" for m, b in CASES])
+# bf16 that a CPU without bf16 instructions emulates at ~20x the cost of fp32 (ResNet-18's and
+# Mobile-Former's convolutions: 20-45 s a row on an AVX2-only EPYC) runs for one method per family;
+# every method trains these families in fp32, and every family's other bf16 rows are fast.
+EMULATED_BF16_ONCE = {"resnet18": "rotnet", "mobileformer_26m": "rotnet"}
+PRECISION_CASES = [(method, backbone, precision) for method, backbone in CASES for precision in ("fp32", "bf16")
+                   if precision == "fp32" or EMULATED_BF16_ONCE.get(backbone, method) == method]
+
+
+@pytest.mark.parametrize("method, backbone, precision", PRECISION_CASES, ids=["-".join(case) for case in PRECISION_CASES])
 def test_every_method_and_backbone_trains_in_both_precisions(fashion_shards, tmp_path, method, backbone, precision):
     check(train_case(case_tree(fashion_shards, tmp_path / "run", method, backbone, precision)), f"{method}/{backbone}/{precision}")
 
@@ -140,14 +147,15 @@ def test_two_workers_with_sync_batchnorm_in_both_precisions(ray_cluster, fashion
 
     # The workers cannot import this test module: its functions travel by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    # Every BatchNorm family in both precisions, each with another method, so that the four methods
-    # that train them all run synchronised too (every pair runs in one process above; all 32 pairs
-    # under DDP took 3 minutes).
+    # Every BatchNorm family, each with another method, so that the four methods that train them
+    # all run synchronised too (every pair runs in one process above; all 32 pairs under DDP took
+    # 3 minutes).
     batchnorm_families = [backbone for backbone in FAMILIES if has_batchnorm(backbone)]
     assert batchnorm_families == ["levit_128s", "conformer_tiny", "mobileformer_26m", "resnet18"]
     methods = [method for method in METHODS if all(trains_with(method, backbone) for backbone in batchnorm_families)]
+    # In fp32, and in bf16 where it is not emulated slowly (SyncBatchNorm's bf16 path is one for all).
     cases = [(method, backbone, precision) for method, backbone in zip(methods, batchnorm_families)
-             for precision in ("fp32", "bf16")]
+             for precision in ("fp32", "bf16") if precision == "fp32" or backbone not in EMULATED_BF16_ONCE]
 
     def train_all(trees):
         import ray.train

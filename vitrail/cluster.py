@@ -24,8 +24,10 @@ def init_ray(address: str | None = None, object_store_mb: int | None = None, das
         ray.init(address=address, logging_level="WARNING")
         return True
     object_store = object_store_mb * 2**20 if object_store_mb else None
+    # address "local": a new cluster even when `ray start` recorded one in /tmp/ray (with None, Ray
+    # would join that one instead, and refuse num_cpus).
     ray.init(
-        num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1", object_store_memory=object_store, logging_level="WARNING",
         runtime_env={"env_vars": dict(LOOPBACK_ENV)},
     )

@@ -7,7 +7,6 @@ with `strict=True` (the `fc` layer exists only with `num_classes`).
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import resnet18, resnet50
 
 from vitrail.backbones.capabilities import Capabilities
 
@@ -16,7 +15,7 @@ VARIANTS = {
     "resnet50": dict(depth=50),
 }
 
-_CONSTRUCTORS = {18: (resnet18, 512), 50: (resnet50, 2048)}
+_WIDTHS = {18: 512, 50: 2048}
 
 
 def build_resnet(depth: int = 50, in_chans: int = 3, small_images: bool = False, num_classes: int = 0) -> nn.Module:
@@ -26,8 +25,13 @@ def build_resnet(depth: int = 50, in_chans: int = 3, small_images: bool = False,
     the CIFAR-style stem of SimCLR (Appendix B.9) and later SSL work on 32 px images, so
     28/32 px inputs keep a 4x4 final map instead of collapsing to 1x1.
     """
-    constructor, embed_dim = _CONSTRUCTORS[depth]
-    model = constructor(weights=None, num_classes=max(num_classes, 1))
+    # Imported here: torchvision's import (all its model zoo) costs ~2.5 s of CPU in every process
+    # that imports the backbone registry (each Ray worker, view task and controller) and only
+    # ResNet runs need it.
+    from torchvision.models import resnet
+
+    embed_dim = _WIDTHS[depth]
+    model = getattr(resnet, f"resnet{depth}")(weights=None, num_classes=max(num_classes, 1))
     if small_images:
         model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
 from vitrail import backbones
@@ -139,6 +138,10 @@ class DeepCluster(Method):
         ids, clusters = ids[order], torch.from_numpy(clusters)[order]
         # How much the clusters moved since the last epoch (the paper's Fig. 2b): NMI -> 1 as they settle.
         if torch.equal(self.assigned_keys.cpu(), ids):
+            # Imported here: sklearn.metrics costs ~2 s of CPU in every process that imports the
+            # method registry (each Ray worker and view task), for one call an epoch.
+            from sklearn.metrics import normalized_mutual_info_score
+
             self.nmi_previous.fill_(normalized_mutual_info_score(self.assigned_clusters.cpu().numpy(), clusters.numpy()))
         self.assigned_keys.resize_(ids.shape).copy_(ids)
         self.assigned_clusters.resize_(clusters.shape).copy_(clusters)
