@@ -34,7 +34,7 @@ demo: install fashion-mnist
 test: install fashion-mnist
 	$(BIN)/lint-imports
 	# Two test files at a time: Ray's start-ups leave a core idle for seconds at a time (BENCHMARKS.md).
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf runs $(DATA)/fashion-mnist .pytest_cache

@@ -92,3 +92,14 @@ def s3():
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+# `make test` runs two test files at a time (pytest-xdist, `--dist loadfile --no-loadscope-reorder`),
+# handing files out in collection order. The longest go first, so that none starts near the end
+# and leaves the other worker idle (their seconds: BENCHMARKS.md, "The suite's wall time").
+LONGEST_FILES = ["test_multinode.py", "test_precision_matrix.py", "test_bad_data.py", "test_jobs.py",
+                 "test_train_ray.py", "test_gpu_benchmark.py", "test_methods_ray.py"]
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: LONGEST_FILES.index(item.path.name) if item.path.name in LONGEST_FILES else len(LONGEST_FILES))
