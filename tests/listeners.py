@@ -30,8 +30,8 @@ def listening(processes: Iterable[psutil.Process]) -> set[tuple[str, int, str]]:
             for fd in os.listdir(f"/proc/{process.pid}/fd"):
                 with suppress(OSError):
                     target = os.readlink(f"/proc/{process.pid}/fd/{fd}")
-                    if target.startswith("socket:[") and int(target[8:-1]) in tables[namespace]:
-                        found.add((*tables[namespace][int(target[8:-1])], name))
+                    if target.startswith("socket:[") and (address := tables[namespace].get(int(target[8:-1]))):
+                        found.add((*address, name))
     return found
 
 
@@ -42,15 +42,12 @@ def _listening_sockets(pid: int) -> dict[int, tuple[str, int]]:
         with suppress(FileNotFoundError):
             for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
                 fields = row.split()
-                if fields[3] == _LISTEN:
+                if fields[3] == "0A":  # TCP_LISTEN
                     address, port = fields[1].split(":")
                     # The kernel prints the address as native-endian 32-bit words.
                     packed = b"".join(int(address[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(address), 8))
                     sockets[int(fields[9])] = (socket.inet_ntop(family, packed), int(port, 16))
     return sockets
-
-
-_LISTEN = "0A"
 
 
 def tree(roots: Iterable[psutil.Process]) -> list[psutil.Process]:

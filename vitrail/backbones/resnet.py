@@ -15,9 +15,6 @@ VARIANTS = {
     "resnet50": dict(depth=50),
 }
 
-_WIDTHS = {18: 512, 50: 2048}
-
-
 def build_resnet(depth: int = 50, in_chans: int = 3, small_images: bool = False, num_classes: int = 0) -> nn.Module:
     """torchvision ResNet whose `forward` gives pooled (B, embed_dim) features.
 
@@ -30,8 +27,8 @@ def build_resnet(depth: int = 50, in_chans: int = 3, small_images: bool = False,
     # ResNet runs need it.
     from torchvision.models import resnet
 
-    embed_dim = _WIDTHS[depth]
-    model = getattr(resnet, f"resnet{depth}")(weights=None, num_classes=max(num_classes, 1))
+    model = {18: resnet.resnet18, 50: resnet.resnet50}[depth](weights=None, num_classes=max(num_classes, 1))
+    embed_dim = model.fc.in_features  # 512 for ResNet-18, 2048 for ResNet-50
     if small_images:
         model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
