@@ -61,9 +61,11 @@ def tiny_config(fashion_shards, tmp_path):
     return from_dict(tiny_config_tree(fashion_shards, tmp_path / "run"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """A real one-node Ray cluster on 127.0.0.1 (dashboard on 127.0.0.1), shut down afterwards."""
+    """A real one-node Ray cluster on 127.0.0.1 (dashboard on 127.0.0.1), shut down after the test
+    file: an idle cluster takes ~0.11 of a core (BENCHMARKS.md, "The suite's wall time"), more than
+    starting one per file costs."""
     import ray
 
     from vitrail.cluster import init_ray

@@ -26,7 +26,8 @@ from vitrail.pipelines import shards
 from vitrail.pipelines.datasets import load_fashion_mnist
 from vitrail.pipelines.decode import UndecodableImage, decode
 from vitrail.pipelines.reader import ShardStream
-from vitrail.pipelines.stream import ShardLedger, local_batches
+from vitrail.pipelines.ledger import ShardLedger
+from vitrail.pipelines.stream import local_batches
 from vitrail.pipelines.views import MultiCrop
 
 from conftest import tiny_config_tree
@@ -205,7 +206,8 @@ def test_ray_trains_to_the_end_and_counts_every_bad_sample(ray_cluster, bad_shar
 
 
 def test_ray_dataset_counts_a_missing_shard(ray_cluster, bad_shards, tmp_path):
-    from vitrail.pipelines.stream import RemoteLedger, ray_dataset
+    from vitrail.pipelines.ledger import RemoteLedger
+    from vitrail.pipelines.stream import ray_dataset
 
     root, bad = bad_shards
     folder = tmp_path / "train"
@@ -236,7 +238,8 @@ def _garble_every_image(path) -> None:
 def test_ray_counts_shards_that_yield_no_image_beside_the_batches(ray_cluster, bad_shards, tmp_path):
     """A tar cut inside its first sample and a tar of undecodable images give their tasks no row:
     their counts reach the ledger all the same, and the batches hold the views, key and label alone."""
-    from vitrail.pipelines.stream import RemoteLedger, ray_dataset
+    from vitrail.pipelines.ledger import RemoteLedger
+    from vitrail.pipelines.stream import ray_dataset
 
     root, bad = bad_shards
     folder = tmp_path / "train"

@@ -195,7 +195,8 @@ def test_shards_written_by_webdataset_are_indexed_in_place_and_trained_on(tmp_pa
     from vitrail.launch.cli import main
     from vitrail.config import from_dict
     from vitrail.launch.local import pretrain
-    from vitrail.pipelines.stream import ShardLedger, local_batches
+    from vitrail.pipelines.ledger import ShardLedger
+    from vitrail.pipelines.stream import local_batches
     from vitrail.pipelines.views import MultiCrop
 
     from conftest import tiny_config_tree

@@ -6,7 +6,8 @@ from vitrail.config import Config
 from vitrail.launch.lock import run_dir_lock
 from vitrail.launch.loop import Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker
-from vitrail.pipelines.stream import ShardLedger, local_batches
+from vitrail.pipelines.ledger import ShardLedger
+from vitrail.pipelines.stream import local_batches
 
 
 def pretrain(config: Config, progress: bool = True, reset: bool = False) -> Trainer:

@@ -26,7 +26,8 @@ from vitrail.launch.lock import run_dir_lock
 from vitrail.launch.loop import Schedule, Trainer, first_epoch, start_run
 from vitrail.launch.tracking import Tracker
 from vitrail.pipelines.shards import INDEX, read_index
-from vitrail.pipelines.stream import RemoteLedger, ingest_options, ray_dataset
+from vitrail.pipelines.ledger import RemoteLedger
+from vitrail.pipelines.stream import ingest_options, ray_dataset
 
 def _worker_loop(loop_config: dict) -> None:
     import ray.train

@@ -9,8 +9,8 @@ never crashes, and refuses images over the pixel limit), a sample lost in a trun
 (declared in index.json, never read) and every sample of a missing shard are `skipped`;
 samples a tar holds beyond its declared count are trained on, logged and counted as `extra`.
 The counts go beside the batches, not in them: `shard_views` records each shard's in a
-`ShardLedger` (a plain object in the local launcher, one Ray actor per run under Ray, which
-the view tasks on every node and the training loop share), and the loop asks it for the
+`ShardLedger` (`ledger.py`: a plain object in the local launcher, one Ray actor per run under
+Ray, which the view tasks on every node and the training loop share), and the loop asks it for the
 totals of `data/skipped` and `data/extra_samples` when it logs. Batches hold the views, "key"
 and "label" alone. What stops a run: a shard whose sha256 differs from index.json's
 (`verify`), and a shard whose view task keeps dying (`VIEW_TASK_RETRIES`), each named.
@@ -30,6 +30,7 @@ import torch
 from vitrail import storage
 from vitrail.errors import VitrailError
 from vitrail.pipelines.decode import MAX_IMAGE_PIXELS, UndecodableImage, decode
+from vitrail.pipelines.ledger import RemoteLedger, ShardLedger
 from vitrail.pipelines.reader import ShardStream
 from vitrail.pipelines.shards import READ_EXTENSIONS, ShardIndex, sha256_file
 
@@ -75,62 +76,6 @@ def make_views(samples: list[dict], recipe, seed: int, epoch: int, channels: int
     columns["key"] = np.asarray(keys, dtype=object)
     columns["label"] = np.asarray(labels, dtype=np.int64)
     return columns, len(bad)
-
-
-class ShardLedger:
-    """Per (epoch, shard): its samples skipped and extra, and under Ray how often its view task
-    started. A shard's counts are set, not added to: a retried view task, or a restarted worker
-    group reading its epoch again, counts each shard once."""
-
-    def __init__(self):
-        self.counts: dict[tuple[int, str], tuple[int, int]] = {}
-        self.started: dict[tuple[int, int, str], int] = {}
-        self.datasets = 0
-
-    def record(self, epoch: int, path: str, skipped: int, extra: int) -> None:
-        self.counts[(epoch, path)] = (skipped, extra)
-
-    def totals(self) -> dict[str, int]:
-        """{"skipped": n, "extra": m} over every shard recorded so far."""
-        return {"skipped": sum(skipped for skipped, _ in self.counts.values()),
-                "extra": sum(extra for _, extra in self.counts.values())}
-
-    def new_dataset(self) -> int:
-        """An id for the view tasks of one dataset: each worker-group start builds its own, whose
-        tasks get their full retries again."""
-        self.datasets += 1
-        return self.datasets
-
-    def start(self, dataset: int, epoch: int, path: str) -> int:
-        """Registers a view task's start; returns how many starts of its (epoch, shard) came before it.
-        A task killed by the OS or by a crash in native code cannot say which shard it held; its retry
-        can, and the last retry Ray allows fails the run naming the shard instead of dying once more."""
-        before = self.started.get((dataset, epoch, path), 0)
-        self.started[(dataset, epoch, path)] = before + 1
-        return before
-
-
-class RemoteLedger:
-    """A ShardLedger in a Ray actor, with ShardLedger's methods (each call waits for its answer):
-    one made on the driver serves the view tasks on every node and the training workers. It lives
-    as long as the process that made it."""
-
-    def __init__(self):
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # On the maker's node: a run that survives losing a worker node keeps its ledger.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(ShardLedger).remote()
-
-    def __getattr__(self, name: str):
-        # Dunder look-ups (pickle, copy) and a half-unpickled instance must not reach the actor.
-        if name.startswith("_") or not callable(getattr(ShardLedger, name, None)):
-            raise AttributeError(name)
-        import ray
-
-        method = getattr(self.actor, name)
-        return lambda *args: ray.get(method.remote(*args))
 
 
 @dataclass(frozen=True)
