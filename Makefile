@@ -33,7 +33,7 @@ demo: install fashion-mnist
 
 test: install fashion-mnist
 	$(BIN)/lint-imports
-	# Two test files at a time: Ray's start-ups leave a core idle for seconds at a time (BENCHMARKS.md).
+	# Two test files at a time fill the two cores; three are slower (BENCHMARKS.md, "The suite's wall time").
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
