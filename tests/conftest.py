@@ -64,8 +64,8 @@ def tiny_config(fashion_shards, tmp_path):
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A real one-node Ray cluster on 127.0.0.1 (dashboard on 127.0.0.1), shut down after the test
-    file: an idle cluster takes ~0.11 of a core (BENCHMARKS.md, "The suite's wall time"), more than
-    starting one per file costs."""
+    file: idle, a cluster takes 6.6 s of CPU a minute, and a start ~9 s (BENCHMARKS.md, "The
+    suite's wall time"), so one idling through the other files would cost more than a start per file."""
     import ray
 
     from vitrail.cluster import init_ray
